@@ -1,0 +1,135 @@
+"""The IR: a torch.fx GraphModule traced from the canonical model, plus metadata.
+
+- `gm.meta["mcomp.spec"]` holds the ModelSpec (the source of truth for structure).
+- every node carries `node.meta["mcomp"]`: a NodeInfo with its role, layer and head/channel
+  layout. Passes select nodes by role (`nodes_by_role`), never by parsing names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import fx, nn
+
+from .model import CausalLM, LeafModule, apply_rope
+from .spec import LayerSpec, ModelSpec
+
+LINEAR_ROLES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj",
+                "gate_proj", "up_proj", "gate_up_proj", "down_proj", "lm_head")
+
+
+FUNCTION_ROLES = {apply_rope: "rope_apply"}
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    role: str
+    layer: int | None = None
+    layout: tuple = field(default=())  # e.g. (("heads", 9), ("head_dim", 64))
+
+    def get(self, key, default=None):
+        return dict(self.layout).get(key, default)
+
+
+def layout_for(role: str, ls: LayerSpec | None) -> tuple:
+    """Head/channel layout of a role's output (projections) or input (o_proj, down_proj)."""
+    if ls is None:
+        return ()
+    table = {
+        "q_proj": (("heads", ls.n_heads), ("head_dim", ls.head_dim)),
+        "k_proj": (("heads", ls.n_kv_heads), ("head_dim", ls.head_dim)),
+        "v_proj": (("heads", ls.n_kv_heads), ("head_dim", ls.head_dim)),
+        "qkv_proj": (("heads", ls.n_heads), ("kv_heads", ls.n_kv_heads), ("head_dim", ls.head_dim)),
+        "o_proj": (("heads", ls.n_heads), ("head_dim", ls.head_dim)),
+        "attn": (("heads", ls.n_heads), ("kv_heads", ls.n_kv_heads), ("head_dim", ls.head_dim),
+                 ("window", ls.window), ("kv", ls.kv.kind)),
+        "gate_proj": (("channels", ls.ffn_dim),),
+        "up_proj": (("channels", ls.ffn_dim),),
+        "gate_up_proj": (("channels", ls.ffn_dim),),
+        "down_proj": (("channels", ls.ffn_dim),),
+    }
+    return table.get(role, ())
+
+
+class Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, LeafModule) or super().is_leaf_module(m, qualname)
+
+
+def _layer_from_stack(node: fx.Node) -> int | None:
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        parts = str(path).split(".")
+        if len(parts) >= 2 and parts[0] == "layers" and parts[1].isdigit():
+            return int(parts[1])
+    return None
+
+
+def annotate(gm: fx.GraphModule) -> None:
+    """(Re)compute node.meta['mcomp'] from module tags and the current spec."""
+    spec = get_spec(gm)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            role = getattr(mod, "mcomp_role", type(mod).__name__.lower())
+            layer = getattr(mod, "mcomp_layer", None)
+        elif node.op in ("placeholder", "output", "get_attr"):
+            role, layer = node.op, None
+        else:
+            role = FUNCTION_ROLES.get(node.target, "op")
+            layer = _layer_from_stack(node)
+        ls = spec.layers[layer] if layer is not None else None
+        node.meta["mcomp"] = NodeInfo(role=role, layer=layer, layout=layout_for(role, ls))
+
+
+def trace(model: CausalLM) -> fx.GraphModule:
+    graph = Tracer().trace(model)
+    gm = fx.GraphModule(model, graph, class_name="MCompModel")
+    gm.meta["mcomp.spec"] = model.spec
+    annotate(gm)
+    return gm
+
+
+def build(spec: ModelSpec, state_dict: dict[str, torch.Tensor] | None = None) -> fx.GraphModule:
+    """Canonical model from a spec (and fp weights) → traced IR."""
+    model = CausalLM(spec)
+    if state_dict is not None:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        # tied lm_head is the embedding; rotary tables are derived buffers
+        missing = [k for k in missing if not (spec.tie_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise KeyError(f"state dict mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+    model.eval()
+    return trace(model)
+
+
+def get_spec(gm: fx.GraphModule) -> ModelSpec:
+    return gm.meta["mcomp.spec"]
+
+
+def set_spec(gm: fx.GraphModule, spec: ModelSpec) -> None:
+    """Replace the spec and refresh every node's layout metadata."""
+    gm.meta["mcomp.spec"] = spec
+    annotate(gm)
+
+
+def nodes_by_role(gm: fx.GraphModule, *roles: str) -> Iterator[fx.Node]:
+    for node in gm.graph.nodes:
+        info = node.meta.get("mcomp")
+        if info is not None and info.role in roles:
+            yield node
+
+
+def expected_linear_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear a canonical model with this spec has, built on the meta device."""
+    with torch.device("meta"):
+        model = CausalLM(spec)
+    return {name: tuple(m.weight.shape) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear)}
+
+
+def linear_shape(mod: nn.Module) -> tuple[int, int]:
+    """Logical (out, in) of a float or quantized linear."""
+    if isinstance(mod, nn.Linear):
+        return tuple(mod.weight.shape)
+    return (mod.out_features, mod.in_features)
