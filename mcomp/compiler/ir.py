@@ -133,3 +133,40 @@ def linear_shape(mod: nn.Module) -> tuple[int, int]:
     if isinstance(mod, nn.Linear):
         return tuple(mod.weight.shape)
     return (mod.out_features, mod.in_features)
+
+
+DECODER_LINEAR_ROLES = tuple(r for r in LINEAR_ROLES if r != "lm_head")
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:  # tied weights count once
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def weight_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of everything the artifact stores (persistent params and buffers, ties counted once)."""
+    return _tensor_bytes(gm.state_dict().values())
+
+
+def module_bytes(mod: nn.Module) -> int:
+    return _tensor_bytes(mod.state_dict().values())
+
+
+def linear_weight_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of the decoder blocks' linears (q/k/v/o, gate/up/down), scales and zeros included."""
+    return sum(module_bytes(gm.get_submodule(n.target))
+               for n in nodes_by_role(gm, *DECODER_LINEAR_ROLES))
+
+
+def replace_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
+    """Swap the submodule a call_module node points at; graph and metadata stay valid."""
+    old = gm.get_submodule(target)
+    for attr in ("mcomp_role", "mcomp_layer"):
+        setattr(new, attr, getattr(old, attr, None))
+    parent, _, name = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, new)

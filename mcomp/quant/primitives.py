@@ -1,0 +1,115 @@
+"""Quantize / dequantize / pack / unpack. Pure torch; the oracle for every fast kernel.
+
+Codes are packed little-endian along each row: for bits ∈ {2, 4, 8} value j of a byte holds
+bits [j·b, (j+1)·b); 3-bit codes are packed as a little-endian bit stream, 8 codes per 3 bytes.
+"""
+from __future__ import annotations
+
+import torch
+
+from .scheme import WeightScheme
+
+_DT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def scale_dtype(scheme: WeightScheme) -> torch.dtype:
+    return _DT[scheme.scale_dtype]
+
+
+def pad_groups(w: torch.Tensor, g: int) -> torch.Tensor:
+    """(N, K) → (N, G, g), zero-padding a partial last group."""
+    N, K = w.shape
+    G = -(-K // g)
+    if G * g != K:
+        w = torch.nn.functional.pad(w, (0, G * g - K))
+    return w.view(N, G, g)
+
+
+def group_mask(K: int, g: int) -> torch.Tensor:
+    """(G, g) bool: which slots of the padded groups are real columns."""
+    G = -(-K // g)
+    return (torch.arange(G * g) < K).view(G, g)
+
+
+def rtn_params(w: torch.Tensor, scheme: WeightScheme, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest scale and zero point per (row, group): each (N, G) fp32.
+    `clip` < 1 shrinks the range (used by the clipping search)."""
+    K = w.shape[1]
+    g = scheme.effective_group(K)
+    wg = pad_groups(w.float(), g)                          # (N, G, g)
+    real = group_mask(K, g)                                 # (G, g)
+    qmax = 2 ** scheme.bits - 1
+    if scheme.symmetric:
+        amax = wg.abs().masked_fill(~real, 0).amax(-1) * clip   # (N, G)
+        half = 2 ** (scheme.bits - 1)
+        scale = (amax / (half - 1 if scheme.bits > 1 else 1)).clamp(min=1e-10)
+        zero = torch.full_like(scale, float(half))
+    else:
+        big = torch.finfo(torch.float32).max
+        mn = wg.masked_fill(~real, big).amin(-1).clamp(max=0) * clip   # range always holds 0
+        mx = wg.masked_fill(~real, -big).amax(-1).clamp(min=0) * clip
+        scale = ((mx - mn) / qmax).clamp(min=1e-10)
+        zero = (-mn / scale).round().clamp(0, qmax)
+    # store at the scale dtype's precision so codes are computed against what will be used
+    sd = scale_dtype(scheme)
+    return scale.to(sd).float(), zero.to(sd).float()
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (N, K) uint8 for given per-group scale/zero (N, G)."""
+    N, K = w.shape
+    G = scale.shape[1]
+    g = -(-K // G) if G > 1 else K
+    wg = pad_groups(w.float(), g)                                        # (N, G, g)
+    q = (wg / scale[..., None] + zero[..., None]).round().clamp(0, 2 ** bits - 1)
+    return q.view(N, G * g)[:, :K].to(torch.uint8)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes → fp32 weights, w = (q − z) · s per group."""
+    N, K = q.shape
+    G = scale.shape[1]
+    g = -(-K // G) if G > 1 else K
+    qg = pad_groups(q.float(), g)                                        # (N, G, g)
+    w = (qg - zero.float()[..., None]) * scale.float()[..., None]
+    return w.view(N, G * g)[:, :K]
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """(N, K) uint8 codes < 2^bits → (N, ceil(K·bits/8)) uint8."""
+    N, K = q.shape
+    q = q.to(torch.uint8)
+    if bits == 8:
+        return q.contiguous()
+    if bits in (2, 4):
+        per = 8 // bits
+        Kp = -(-K // per) * per
+        q = torch.nn.functional.pad(q, (0, Kp - K)).view(N, Kp // per, per).to(torch.int32)
+        shifts = torch.arange(per, dtype=torch.int32) * bits
+        return (q << shifts).sum(-1).to(torch.uint8)
+    if bits == 3:
+        Kp = -(-K // 8) * 8
+        q = torch.nn.functional.pad(q, (0, Kp - K)).view(N, Kp // 8, 8).to(torch.int32)
+        word = (q << (torch.arange(8, dtype=torch.int32) * 3)).sum(-1)    # 24-bit little endian
+        b = torch.stack([(word >> s) & 0xFF for s in (0, 8, 16)], -1).to(torch.uint8)
+        return b.view(N, -1)[:, : -(-K * 3 // 8)].contiguous()
+    raise ValueError(f"cannot pack {bits}-bit codes")
+
+
+def unpack(p: torch.Tensor, bits: int, K: int) -> torch.Tensor:
+    """Inverse of pack: (N, packed) uint8 → (N, K) uint8 codes."""
+    N = p.shape[0]
+    if bits == 8:
+        return p[:, :K].contiguous()
+    if bits in (2, 4):
+        per = 8 // bits
+        shifts = torch.arange(per, dtype=torch.int32) * bits
+        q = (p.to(torch.int32)[..., None] >> shifts) & (2 ** bits - 1)
+        return q.view(N, -1)[:, :K].to(torch.uint8)
+    if bits == 3:
+        n3 = -(-K // 8) * 3
+        p = torch.nn.functional.pad(p, (0, n3 - p.shape[1])).view(N, -1, 3).to(torch.int32)
+        word = p[..., 0] | (p[..., 1] << 8) | (p[..., 2] << 16)
+        q = (word[..., None] >> (torch.arange(8, dtype=torch.int32) * 3)) & 7
+        return q.view(N, -1)[:, :K].to(torch.uint8)
+    raise ValueError(f"cannot unpack {bits}-bit codes")
