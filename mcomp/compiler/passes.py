@@ -18,6 +18,10 @@ from ..registry import Registry
 
 PASSES: Registry = Registry("pass")
 
+# Canonical order of pipeline stages: structure first (pruning), then exact rewrites that must
+# see float weights (rotations, fusions), then weight quantization, then KV representation.
+STAGES = ("prune", "transform", "fuse", "weights", "kv")
+
 
 @dataclass(frozen=True)
 class PassConfig:
@@ -54,6 +58,8 @@ class Pass:
     Config: ClassVar[type[PassConfig]] = PassConfig
     version: ClassVar[int] = 1
     exact: ClassVar[bool] = False
+    # Pipeline stage; recipes keep passes in STAGES order and CLI shorthands replace a stage.
+    stage: ClassVar[str] = "transform"
 
     def __init__(self, config: PassConfig | None = None):
         self.config = config if config is not None else self.Config()

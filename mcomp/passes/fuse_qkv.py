@@ -17,6 +17,7 @@ class FuseQKV(Pass):
     name = "fuse_qkv"
     Config = FuseQKVConfig
     exact = True
+    stage = "fuse"
 
     def run(self, gm, ctx) -> PassResult:
         stats = fuse_siblings(gm, ("q_proj", "k_proj", "v_proj"), "qkv_proj", "qkv_proj", "fused_qkv")

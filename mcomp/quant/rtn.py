@@ -76,6 +76,7 @@ class QuantizeWeightsRTN(Pass):
     name = "quantize_weights_rtn"
     Config = RTNConfig
     exact = False
+    stage = "weights"
 
     def run(self, gm, ctx) -> PassResult:
         cfg: RTNConfig = self.config

@@ -1,0 +1,126 @@
+"""The Python API. The CLI is a thin layer over these functions.
+
+    import mcomp
+    result = mcomp.optimize("smollm2-135m", recipe="int4", out="out/smollm2-int4")
+    session = mcomp.load("out/smollm2-int4")
+    print(session.generate("It is a truth universally acknowledged", max_new_tokens=30))
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch import fx
+
+from . import data
+from .compiler import ir
+from .compiler.context import CompileContext
+from .compiler.frontend import DEFAULT_MODEL, import_model
+from .compiler.manager import PassManager, Report
+from .compiler.recipe import Recipe, parse_weights_flag
+from .errors import ConfigError
+from .runtime.kvcache import KV_REPRESENTATIONS
+from .runtime.session import Session
+from .runtime.tokenizer import Tokenizer
+
+
+@dataclass
+class CompileResult:
+    gm: fx.GraphModule
+    report: Report
+    recipe: Recipe
+    tokenizer: Tokenizer
+    tokenizer_dir: Path
+    artifact: Path | None = None
+
+    def session(self) -> Session:
+        return Session(self.gm, self.tokenizer)
+
+
+def is_artifact(target: str | os.PathLike) -> bool:
+    return Path(target).is_dir() and (Path(target) / "manifest.json").is_file()
+
+
+def load(target: str | os.PathLike = DEFAULT_MODEL) -> Session:
+    """A runnable Session over an artifact directory or any model source (name, HF folder, GGUF)."""
+    if is_artifact(target):
+        from .codegen import load_artifact
+        art = load_artifact(target)
+        spec = ir.get_spec(art.gm)
+        return Session(art.gm, Tokenizer.from_dir(art.tokenizer_dir, spec))
+    return Session.from_model(target)
+
+
+def resolve_recipe(recipe: Recipe | str | os.PathLike | None = None, weights: str | None = None) -> Recipe:
+    """A Recipe object, a preset name, or a TOML path (default preset: int4); then shorthands."""
+    if isinstance(recipe, Recipe):
+        r = recipe
+    elif recipe is None:
+        r = Recipe.preset("int4")
+    elif str(recipe).endswith(".toml") or Path(recipe).is_file():
+        r = Recipe.from_file(recipe)
+    else:
+        r = Recipe.preset(str(recipe))
+    if weights:
+        r = r.replace_stage(parse_weights_flag(weights))
+    return r
+
+
+def optimize(model: str | os.PathLike = DEFAULT_MODEL, recipe: Recipe | str | os.PathLike | None = None,
+             *, weights: str | None = None, calib: str | os.PathLike | None = None,
+             out: str | os.PathLike | None = None,
+             on_pass: Callable[[int, int, str], None] | None = None) -> CompileResult:
+    """Import `model`, run the recipe's passes (verified after each), optionally write an artifact."""
+    r = resolve_recipe(recipe, weights)
+    calib_text = data.read_text(calib) if calib is not None else data.calibration_text()
+    imported = import_model(model)
+    gm = ir.build(imported.spec, imported.state_dict)
+    del imported.state_dict  # the GraphModule owns the weights now
+    tok = Tokenizer.from_dir(imported.hf_dir, imported.spec)
+    ctx = CompileContext.from_text(lambda t: tok.encode(t, add_bos=False), calib_text,
+                                   probe_text=data.evaluation_text(), bos_id=tok.bos_id,
+                                   config=r.calibration,
+                                   calib_source=str(calib) if calib is not None else "embedded")
+    gm, report = PassManager(r.passes, verify=r.verify, on_pass=on_pass).run(gm, ctx, str(model))
+    result = CompileResult(gm=gm, report=report, recipe=r, tokenizer=tok, tokenizer_dir=imported.hf_dir)
+    if out is not None:
+        from .codegen import save_artifact
+        result.artifact = save_artifact(gm, out, tokenizer_dir=imported.hf_dir, source=str(model),
+                                        report=report, pass_log=r.to_dict())
+    return result
+
+
+def inspect(target: str | os.PathLike = DEFAULT_MODEL) -> dict:
+    """Per-layer structure, weight bytes and schemes, KV bytes per token; plus totals."""
+    manifest = None
+    if is_artifact(target):
+        from .codegen import load_artifact
+        art = load_artifact(target)
+        gm, manifest = art.gm, art.manifest
+    else:
+        imported = import_model(target)
+        gm = ir.build(imported.spec, imported.state_dict)
+    spec = ir.get_spec(gm)
+    layers = []
+    for i, ls in enumerate(spec.layers):
+        block = gm.get_submodule(f"layers.{i}")
+        schemes = sorted({getattr(m, "scheme").label() if hasattr(m, "scheme") else "fp32"
+                          for m in block.modules() if getattr(m, "mcomp_role", None) in ir.LINEAR_ROLES})
+        kv_bpt = KV_REPRESENTATIONS.get(ls.kv.kind).bytes_per_token(ls)
+        layers.append({"layer": i, "heads": ls.n_heads, "kv_heads": ls.n_kv_heads,
+                       "head_dim": ls.head_dim, "ffn": ls.ffn_dim, "window": ls.window,
+                       "weight_bytes": ir.module_bytes(block), "schemes": schemes,
+                       "kv": ls.kv.kind, "kv_bytes_per_token": kv_bpt})
+    other = ir.weight_bytes(gm) - sum(l["weight_bytes"] for l in layers)
+    return {"target": str(target), "family": spec.family, "layers": layers,
+            "totals": {"weight_bytes": ir.weight_bytes(gm),
+                       "linear_weight_bytes": ir.linear_weight_bytes(gm),
+                       "embedding_and_head_bytes": other,
+                       "kv_bytes_per_token": sum(l["kv_bytes_per_token"] for l in layers),
+                       "n_layers": spec.n_layers, "vocab_size": spec.vocab_size,
+                       "hidden_size": spec.hidden_size, "tie_embeddings": spec.tie_embeddings},
+            "manifest": None if manifest is None else {
+                "format_version": manifest.get("format_version"), "source": manifest.get("source"),
+                "passes": [p.get("name") for p in (manifest.get("report") or {}).get("passes", [])]}}

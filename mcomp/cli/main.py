@@ -1,0 +1,217 @@
+"""`mcomp` command line: thin click commands over mcomp.api.
+
+Errors: one line on stderr and a non-zero exit code — 2 usage/config, 3 model or artifact,
+4 internal/pass/kernel. `--debug` (before the command) shows the traceback instead.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import contextmanager
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..compiler.frontend import BUILTIN_MODELS, DEFAULT_MODEL
+from ..errors import MCompError
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+@contextmanager
+def _progress(label: str, enabled: bool = True):
+    """A rich progress bar on stderr; yields an (done, total[, text]) callback."""
+    if not enabled:
+        yield lambda *a, **k: None
+        return
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True) as prog:
+        task = prog.add_task(label, total=None)
+
+        def update(done, total, text=None):
+            prog.update(task, completed=done, total=total,
+                        description=f"{label} {text}" if text else label)
+
+        yield update
+
+
+class CLIGroup(click.Group):
+    """Turns mcomp errors into one line + exit code, everything else into an internal error."""
+
+    def invoke(self, ctx):
+        debug = "--debug" in sys.argv[1:]
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except MCompError as e:
+            if debug:
+                raise
+            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            sys.exit(130)
+        except Exception as e:  # our bug or the environment's: still one line unless --debug
+            if debug:
+                raise
+            err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} "
+                      "(run with --debug for a traceback)", highlight=False, soft_wrap=True)
+            sys.exit(4)
+
+
+@click.group(cls=CLIGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.version_option(package_name="mcomp")
+def cli(debug: bool, verbose: int):
+    """mcomp: compress transformer LMs (prune, quantize, KV) into verified, runnable artifacts."""
+    from rich.logging import RichHandler
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False)])
+
+
+MODEL_HELP = (f"Model: a built-in name ({', '.join(BUILTIN_MODELS.names())}), a HF checkpoint "
+              f"folder, or a .gguf file. Default: {DEFAULT_MODEL}.")
+TARGET_HELP = "An artifact directory, or anything MODEL accepts."
+
+
+# ----------------------------------------------------------------------------- optimize
+@cli.command()
+@click.argument("model", required=False, default=DEFAULT_MODEL)
+@click.option("--preset", help="Named recipe shipped with mcomp (default: int4).")
+@click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False),
+              help="Recipe TOML file (see docs/recipes.md).")
+@click.option("--weights", help="Weight quantization shorthand METHOD:BITS[:gGROUP], e.g. rtn:4:g128, "
+              "rtn:8 (per-channel), rtn:4:pc. Replaces the recipe's weight pass.")
+@click.option("--calib", type=click.Path(dir_okay=False), help="Calibration text file (default: embedded Austen sample).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Artifact directory to write "
+              "(default: out/<model>-<recipe>).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def optimize(model, preset, recipe_file, weights, calib, out_dir, as_json):
+    """Import MODEL, run a verified pass pipeline, write an artifact and print its report."""
+    from .. import api
+    if preset and recipe_file:
+        raise click.UsageError("give --preset or --recipe, not both")
+    recipe = api.resolve_recipe(recipe_file or preset, weights)
+    if out_dir is None:
+        stem = model if model in BUILTIN_MODELS else __import__("pathlib").Path(model).stem
+        out_dir = f"out/{stem}-{recipe.name.replace('+', '-')}"
+    with _progress("optimize", enabled=not as_json) as update:
+        result = api.optimize(model, recipe, calib=calib, out=out_dir,
+                              on_pass=lambda i, n, name: update(i, n, name))
+    rep = result.report.to_dict()
+    if as_json:
+        out.print_json(json.dumps({"artifact": str(result.artifact), "recipe": recipe.to_dict(),
+                                   "report": rep}, default=str))
+        return
+    t = Table(title=f"{model} · recipe {recipe.name}", title_justify="left")
+    for col in ("pass", "seconds", "max |Δlogit|", "KL", "top-1", "KL total", "weights"):
+        t.add_column(col, justify="right" if col != "pass" else "left")
+    for p in rep["passes"]:
+        d, dt = p["drift"] or {}, p["drift_total"] or {}
+        t.add_row(p["name"], f"{p['seconds']:.2f}", f"{d.get('max_abs_logit', float('nan')):.3g}",
+                  f"{d.get('kld', float('nan')):.2e}", f"{d.get('top1', float('nan')):.3f}",
+                  f"{dt.get('kld', float('nan')):.2e}", _mb(p["weight_bytes"]))
+    out.print(t)
+    lb, la = rep["linear_bytes_before"], rep["linear_bytes_after"]
+    out.print(f"weights {_mb(rep['weight_bytes_before'])} → {_mb(rep['weight_bytes_after'])}; "
+              f"decoder linears {_mb(lb)} → {_mb(la)} ({100 * la / max(lb, 1):.1f}%)")
+    out.print(f"artifact: [bold]{result.artifact}[/bold]  (probe drift measured on the embedded "
+              f"evaluation text; run `mcomp eval {result.artifact} --base {model}` for KL/perplexity)")
+
+
+# ----------------------------------------------------------------------------- run
+@cli.command()
+@click.argument("target", default=DEFAULT_MODEL)
+@click.option("--prompt", "-p", required=True, help="Prompt text.")
+@click.option("--max-new-tokens", "-n", default=64, show_default=True, type=click.IntRange(1, 100000))
+@click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(0.0),
+              help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0))
+@click.option("--seed", default=None, type=int, help="Seed for sampling.")
+def run(target, prompt, max_new_tokens, temperature, top_p, seed):
+    """Generate text from TARGET, streaming it to stdout."""
+    from .. import api
+    session = api.load(target)
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    for piece in session.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, seed=seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+# ----------------------------------------------------------------------------- eval
+@cli.command("eval")
+@click.argument("target", default=DEFAULT_MODEL)
+@click.option("--data", "data_file", type=click.Path(dir_okay=False),
+              help="Evaluation text (default: embedded Austen sample, Persuasion).")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(2), help="Window length (BOS included).")
+@click.option("--max-tokens", default=16384, show_default=True, type=click.IntRange(1),
+              help="Text tokens to consume at most.")
+@click.option("--base", help="Base model/artifact: also report KL divergence and top-1 agreement against it.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_(target, data_file, ctx, max_tokens, base, as_json):
+    """Perplexity of TARGET (non-overlapping windows, BOS first); with --base, KL and top-1 too."""
+    from .. import api, data
+    text = data.read_text(data_file) if data_file else data.evaluation_text()
+    session = api.load(target)
+    with _progress("eval", enabled=not as_json) as update:
+        if base:
+            res = session.compare(api.load(base), text, ctx=ctx, max_tokens=max_tokens, progress=update)
+        else:
+            res = session.perplexity(text, ctx=ctx, max_tokens=max_tokens, progress=update).to_dict()
+    res = {"target": str(target), "data": data_file or "embedded:eval_persuasion.txt", "ctx": ctx, **res}
+    if as_json:
+        out.print_json(json.dumps(res, default=str))
+        return
+    line = f"ppl {res['ppl']:.4f} over {res['tokens_scored']} tokens (ctx {ctx})"
+    if base:
+        line += (f"; base ppl {res['base_ppl']:.4f}; KL {res['kld']:.5f}; "
+                 f"top-1 agreement {100 * res['top1_agreement']:.2f}%")
+    out.print(line)
+
+
+# ----------------------------------------------------------------------------- inspect
+@cli.command()
+@click.argument("target", default=DEFAULT_MODEL)
+@click.option("--json", "as_json", is_flag=True)
+def inspect(target, as_json):
+    """Per-layer table: heads, KV heads, head_dim, FFN, weight bytes and scheme, KV bytes/token."""
+    from .. import api
+    info = api.inspect(target)
+    if as_json:
+        out.print_json(json.dumps(info, default=str))
+        return
+    t = Table(title=f"{target} ({info['family']})", title_justify="left")
+    for col in ("layer", "heads", "kv heads", "head_dim", "ffn", "window", "weights", "scheme", "KV B/token"):
+        t.add_column(col, justify="left" if col == "scheme" else "right")
+    for l in info["layers"]:
+        t.add_row(str(l["layer"]), str(l["heads"]), str(l["kv_heads"]), str(l["head_dim"]),
+                  str(l["ffn"]), str(l["window"] or "-"), _mb(l["weight_bytes"]),
+                  ", ".join(l["schemes"]), f"{l['kv_bytes_per_token']} ({l['kv']})")
+    out.print(t)
+    tot = info["totals"]
+    out.print(f"total weights {_mb(tot['weight_bytes'])} (decoder linears "
+              f"{_mb(tot['linear_weight_bytes'])}, embedding/head/norms "
+              f"{_mb(tot['embedding_and_head_bytes'])}); KV cache {tot['kv_bytes_per_token']} bytes/token "
+              f"({tot['kv_bytes_per_token'] * 2048 / 1e6:.1f} MB at 2048 tokens)")
+
+
+def main():
+    cli(prog_name="mcomp")
+
+
+if __name__ == "__main__":
+    main()
