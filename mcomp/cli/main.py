@@ -209,6 +209,35 @@ def inspect(target, as_json):
               f"({tot['kv_bytes_per_token'] * 2048 / 1e6:.1f} MB at 2048 tokens)")
 
 
+# ----------------------------------------------------------------------------- bench
+@cli.group()
+def bench():
+    """Reproducible benchmarks; results as markdown tables in docs/benchmarks.md."""
+
+
+@bench.command("runtime")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--decode-steps", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--out", "out_file", default="docs/benchmarks.md", show_default=True,
+              type=click.Path(dir_okay=False), help="Markdown file whose runtime section is replaced.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_runtime(model, threads, decode_steps, out_file, as_json):
+    """HF eager fp32 vs mcomp fp32 vs mcomp int4: prefill/decode tokens/s, weight bytes, peak RSS."""
+    from pathlib import Path
+
+    from ..bench import runtime as rb
+    cfg = rb.BenchConfig(model=model, threads=threads, decode_steps=decode_steps)
+    with _progress("bench", enabled=not as_json) as update:
+        results = rb.run(cfg, progress=lambda text: update(0, None, text))
+    rb.write_report(results, cfg, Path(out_file))
+    if as_json:
+        out.print_json(json.dumps(results))
+    else:
+        out.print(rb.to_markdown(results, cfg))
+        out.print(f"written to {out_file}")
+
+
 def main():
     cli(prog_name="mcomp")
 

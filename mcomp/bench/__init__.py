@@ -1,0 +1,1 @@
+"""Benchmarks runnable as `mcomp bench ...`; scripts in benchmarks/ call into here."""
