@@ -49,7 +49,8 @@ def load(target: str | os.PathLike = DEFAULT_MODEL) -> Session:
         from .codegen import load_artifact
         art = load_artifact(target)
         spec = ir.get_spec(art.gm)
-        return Session(art.gm, Tokenizer.from_dir(art.tokenizer_dir, spec))
+        tok = Tokenizer.from_dir(art.tokenizer_dir, spec) if art.tokenizer_dir is not None else None
+        return Session(art.gm, tok)
     return Session.from_model(target)
 
 
@@ -88,7 +89,7 @@ def optimize(model: str | os.PathLike = DEFAULT_MODEL, recipe: Recipe | str | os
     if out is not None:
         from .codegen import save_artifact
         result.artifact = save_artifact(gm, out, tokenizer_dir=imported.hf_dir, source=str(model),
-                                        report=report, pass_log=r.to_dict())
+                                        report=report, recipe=r.to_dict())
     return result
 
 

@@ -1,0 +1,6 @@
+"""Codegen: the artifact writer/reader (manifest + safetensors + tokenizer files)."""
+from .artifact import LoadedArtifact, load_artifact, save_artifact, verify_artifact  # noqa: F401
+from .manifest import FORMAT, FORMAT_VERSION, implied_tensors  # noqa: F401
+
+__all__ = ["save_artifact", "load_artifact", "verify_artifact", "LoadedArtifact", "FORMAT",
+           "FORMAT_VERSION", "implied_tensors"]

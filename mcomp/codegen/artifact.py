@@ -1,0 +1,466 @@
+"""Write and read mcomp artifacts: a directory with manifest.json, model.safetensors and the
+source model's tokenizer files. No pickle anywhere.
+
+Writing is atomic: everything is built and fsync'ed in a temporary directory next to the
+target (same filesystem), then renamed into place; an existing artifact is renamed away first
+and removed only after the new one is in place. On any failure the temporary directory is
+removed and whatever was at the target is left as it was. A non-empty directory that is not an
+mcomp artifact is never overwritten.
+
+Reading verifies before it uses any tensor: manifest format and version, the manifest's own
+digest, size and sha256 of every listed file, and that the tensors the model spec implies, the
+tensors the manifest lists and the tensors the safetensors header holds agree by name, dtype
+and shape. Every failure is an ArtifactError with a one-line message naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import fx
+
+from ..compiler import ir
+from ..compiler.frontend.base import TOKENIZER_FILES
+from ..compiler.spec import ModelSpec
+from ..errors import ArtifactError, ConfigError, MCompError
+from .manifest import (DIGEST_KEY, FORMAT, FORMAT_VERSION, MANIFEST_NAME, SAFETENSORS_METADATA,
+                       ST_DTYPES, SUPPORTED_FORMAT_VERSIONS, WEIGHTS_NAME, TensorInfo,
+                       build_skeleton, compare_tensors, describe_linears, dtype_name,
+                       implied_tensors, jsonable, kv_view, manifest_digest, module_bytes,
+                       stored_state)
+
+log = logging.getLogger("mcomp.codegen")
+
+_CHUNK = 1 << 20
+_MAX_HEADER = 100 << 20          # safetensors' own limit on the JSON header
+_rename = os.rename              # indirection so tests can fail the swap
+
+
+def _mcomp_version() -> str:
+    try:
+        import mcomp
+        return str(getattr(mcomp, "__version__", "0.1.0"))
+    except Exception:  # a partially importable package must not block writing
+        return "0.1.0"
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def _fail(msg: str) -> ArtifactError:
+    return ArtifactError(_one_line(msg))
+
+
+# ----------------------------------------------------------------------------- file helpers
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or (where the OS allows it) a directory."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if path.is_dir():  # directories cannot be opened for fsync on some platforms
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_artifact_dir(path: Path) -> bool:
+    try:
+        m = json.loads((path / MANIFEST_NAME).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("format") == FORMAT
+
+
+# ----------------------------------------------------------------------------- save
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise _fail(f"{out} exists and is not a directory; refusing to replace it")
+    if not any(out.iterdir()):
+        return
+    if not _is_artifact_dir(out):
+        raise _fail(f"{out} is a non-empty directory that is not an mcomp artifact (no {MANIFEST_NAME} "
+                    f"with format '{FORMAT}'); refusing to overwrite it, choose a new or empty directory")
+    if not overwrite:
+        raise _fail(f"{out} already holds an mcomp artifact; pass overwrite=True to replace it")
+
+
+def _tensors_to_write(gm: fx.GraphModule, spec: ModelSpec, out: Path) -> tuple[dict, dict]:
+    """(weight table with bytes, name → contiguous CPU tensor), checked against the spec."""
+    weights = describe_linears(gm, spec)
+    expected = implied_tensors(spec, weights, where=f"cannot write {out}: model")
+    sd = stored_state(gm, spec)
+    if spec.tie_embeddings:
+        head, emb = gm.get_submodule("lm_head"), gm.get_submodule("embed")
+        if getattr(head, "weight", None) is not emb.weight:
+            raise _fail(f"cannot write {out}: the model spec says tie_embeddings but lm_head.weight is "
+                        "not embed.weight (a pass changed the head without untying the spec)")
+    actual = {k: TensorInfo(dtype_name(v.dtype), tuple(v.shape)) for k, v in sd.items()}
+    diff = compare_tensors(expected, actual, expected_what="the model spec", actual_what="the model")
+    if diff:
+        raise _fail(f"cannot write {out}: {diff}")
+    for name, entry in weights.items():
+        entry["bytes"] = module_bytes(expected, name)
+        if name == "lm_head" and spec.tie_embeddings:
+            entry["tied_to"] = "embed"
+    tensors, seen = {}, set()
+    for k, v in sd.items():
+        t = v.detach().to("cpu").contiguous()
+        storage = t.untyped_storage()
+        # safetensors refuses tensors that share storage: give each its own exact buffer
+        if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[k] = t
+    return weights, tensors
+
+
+def _pass_log(report, pass_log) -> list:
+    """Pass log entries: the explicit list if given, else the report's pass records (with stats)."""
+    if pass_log is not None:
+        return [p.describe() if hasattr(p, "describe") else p for p in pass_log]
+    return [{"pass": rec.name, "version": rec.version, "config": rec.config,
+             "exact": rec.exact, "stats": rec.stats}
+            for rec in getattr(report, "passes", None) or []]
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, ensure_ascii=True, allow_nan=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _build(tmp: Path, gm: fx.GraphModule, spec: ModelSpec, weights: dict, tensors: dict,
+           tok_files: list[str], tokenizer_dir: Path | None, source: str, report, pass_log, recipe) -> None:
+    save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=dict(SAFETENSORS_METADATA))
+    for name in tok_files:
+        shutil.copyfile(tokenizer_dir / name, tmp / name)
+    files = {}
+    for name in [WEIGHTS_NAME, *tok_files]:
+        p = tmp / name
+        _fsync(p)
+        files[name] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+    log_entries = _pass_log(report, pass_log)
+    report_dict = None
+    if report is not None:
+        report_dict = report.to_dict() if hasattr(report, "to_dict") else report
+    manifest = jsonable({
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mcomp_version": _mcomp_version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": str(source),
+        "model": spec.to_dict(),
+        "kv": kv_view(spec),
+        "weights": weights,
+        "tensors": {k: TensorInfo(dtype_name(v.dtype), tuple(v.shape)).to_dict()
+                    for k, v in tensors.items()},
+        "pass_log": log_entries,
+        "recipe": recipe,
+        "report": report_dict,
+        "tokenizer": {"files": tok_files},
+        "files": files,
+    })
+    manifest[DIGEST_KEY] = manifest_digest(manifest)
+    _write_manifest(tmp / MANIFEST_NAME, manifest)
+    _fsync(tmp)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`; an existing `out` is renamed away first and restored on failure."""
+    if not (out.exists() or out.is_symlink()):
+        _rename(tmp, out)
+    else:
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old.rmdir()  # only the unique name is wanted
+        _rename(out, old)
+        try:
+            _rename(tmp, out)
+        except BaseException:
+            _rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        if old.exists():
+            log.warning("could not remove the previous artifact at %s", old)
+    _fsync(out.parent)
+
+
+def save_artifact(gm: fx.GraphModule, out_dir: str | os.PathLike, *,
+                  tokenizer_dir: str | os.PathLike | None, source: str, report=None,
+                  pass_log=None, recipe: Mapping | None = None, overwrite: bool = True) -> Path:
+    """Write `gm` as an artifact at `out_dir` atomically; returns the artifact's path.
+
+    `report`: a compiler Report (or its dict); `pass_log`: a list of `Pass.describe()`-like
+    dicts (or Pass objects), default: the report's pass records; `recipe`: the resolved recipe
+    (`Recipe.to_dict()`), stored so the artifact says exactly how it was made.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    spec = ir.get_spec(gm)
+    _check_target(out, overwrite)
+    tok_dir = None if tokenizer_dir is None else Path(tokenizer_dir)
+    if tok_dir is not None and not tok_dir.is_dir():
+        raise ConfigError(f"tokenizer directory {tok_dir} does not exist")
+    tok_files = [] if tok_dir is None else [n for n in TOKENIZER_FILES if (tok_dir / n).is_file()]
+    weights, tensors = _tensors_to_write(gm, spec, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise _fail(f"cannot write artifact {out}: {e}") from e
+    try:
+        _build(tmp, gm, spec, weights, tensors, tok_files, tok_dir, source, report, pass_log, recipe)
+        _swap_into_place(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _fail(f"cannot write artifact {out}: {e}") from e
+        raise
+    log.info("wrote artifact %s (%d tensors, %d tokenizer files)", out, len(tensors), len(tok_files))
+    return out
+
+
+# ----------------------------------------------------------------------------- verify / load
+
+@dataclass
+class LoadedArtifact:
+    gm: fx.GraphModule
+    manifest: dict
+    path: Path
+    tokenizer_dir: Path | None    # the artifact directory when it carries tokenizer files
+
+
+@dataclass
+class _Checked:
+    root: Path
+    manifest: dict
+    spec: ModelSpec
+    weights: dict
+
+
+def _read_manifest(root: Path) -> dict:
+    if not root.exists():
+        raise _fail(f"{root}: no such file or directory")
+    if not root.is_dir():
+        raise _fail(f"{root}: not an mcomp artifact (a file; an artifact is a directory holding "
+                    f"{MANIFEST_NAME})")
+    mpath = root / MANIFEST_NAME
+    if not mpath.is_file():
+        raise _fail(f"{root}: not an mcomp artifact (no {MANIFEST_NAME})")
+    try:
+        m = json.loads(mpath.read_bytes())
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _fail(f"{mpath}: not an mcomp artifact (unreadable JSON: {e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        fmt = m.get("format") if isinstance(m, dict) else None
+        raise _fail(f"{mpath}: not an mcomp artifact (format {fmt!r}, expected '{FORMAT}')")
+    v = m.get("format_version")
+    if type(v) is not int or v not in SUPPORTED_FORMAT_VERSIONS:
+        supported = ", ".join(str(s) for s in SUPPORTED_FORMAT_VERSIONS)
+        hint = ("; upgrade mcomp to read it" if type(v) is int and v > FORMAT_VERSION
+                else "; re-export the model with this mcomp")
+        raise _fail(f"{mpath}: artifact format version {v!r} is not supported by this mcomp "
+                    f"(it reads version {supported}){hint}")
+    stored = m.get(DIGEST_KEY)
+    try:
+        actual = manifest_digest(m)
+    except ValueError:  # NaN / Infinity literals cannot be canonicalized
+        actual = None
+    if not isinstance(stored, str) or stored != actual:
+        raise _fail(f"{mpath} was modified after it was written "
+                    f"({DIGEST_KEY} does not match its contents)")
+    return m
+
+
+def _field(m: dict, key: str, typ: type, mpath: Path):
+    v = m.get(key)
+    if not isinstance(v, typ):
+        raise _fail(f"{mpath}: key '{key}' is missing or not a{'n' if typ is dict else ''} "
+                    f"{'object' if typ is dict else 'list'}")
+    return v
+
+
+def _safe_name(name: Any, mpath: Path) -> str:
+    if (not isinstance(name, str) or not name or name in (".", "..", MANIFEST_NAME)
+            or "/" in name or "\\" in name or "\0" in name):
+        raise _fail(f"{mpath}: invalid file name {name!r} in 'files'")
+    return name
+
+
+def _check_files(root: Path, files: dict, mpath: Path) -> None:
+    entries = []
+    for name, e in files.items():
+        name = _safe_name(name, mpath)
+        if (not isinstance(e, dict) or not isinstance(e.get("sha256"), str)
+                or type(e.get("bytes")) is not int):
+            raise _fail(f"{mpath}: entry for '{name}' in 'files' needs 'sha256' and 'bytes'")
+        entries.append((root / name, e["bytes"], e["sha256"]))
+    for p, size, _ in entries:  # cheap checks for every file before hashing any
+        if not p.is_file():
+            raise _fail(f"{p}: missing (listed in {MANIFEST_NAME})")
+        have = p.stat().st_size
+        if have < size:
+            raise _fail(f"{p} is truncated: {have} of {size} bytes")
+        if have > size:
+            raise _fail(f"{p} has {have} bytes, {MANIFEST_NAME} lists {size} (the file was modified)")
+    for p, _, sha in entries:
+        got = _sha256(p)
+        if got != sha:
+            raise _fail(f"{p}: sha256 mismatch, the file is corrupted or was modified "
+                        f"(got {got[:16]}…, {MANIFEST_NAME} lists {sha[:16]}…)")
+
+
+def _manifest_tensors(table: dict, mpath: Path) -> dict[str, TensorInfo]:
+    out = {}
+    for name, e in table.items():
+        ok = (isinstance(e, dict) and e.get("dtype") in ST_DTYPES.values()
+              and isinstance(e.get("shape"), list)
+              and all(type(d) is int and d >= 0 for d in e["shape"]))
+        if not ok:
+            raise _fail(f"{mpath}: tensor '{name}' has an invalid entry {e!r}")
+        out[name] = TensorInfo(e["dtype"], tuple(e["shape"]))
+    return out
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
+    """Parse and sanity-check a safetensors header without reading any tensor data:
+    (name → TensorInfo, str→str metadata)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise _fail(f"{path}: too short to be a safetensors file ({size} bytes)")
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8 or n > _MAX_HEADER:
+            raise _fail(f"{path}: corrupt safetensors header (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise _fail(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise _fail(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_len = size - 8 - n
+    meta = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, e in header.items():
+        try:
+            dtype = ST_DTYPES[e["dtype"]]
+            shape = tuple(int(d) for d in e["shape"])
+            begin, end = (int(x) for x in e["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise _fail(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
+        info = TensorInfo(dtype, shape)
+        if not (0 <= begin <= end <= data_len) or end - begin != info.nbytes:
+            raise _fail(f"{path}: tensor '{name}' has data offsets [{begin}, {end}) that do not fit "
+                        f"its {dtype} {list(shape)} in {data_len} data bytes")
+        tensors[name] = info
+    return tensors, meta if isinstance(meta, dict) else {}
+
+
+def _check(path: str | os.PathLike) -> _Checked:
+    root = Path(path).expanduser()
+    m = _read_manifest(root)
+    mpath = root / MANIFEST_NAME
+    model_d = _field(m, "model", dict, mpath)
+    weights = _field(m, "weights", dict, mpath)
+    tensors_d = _field(m, "tensors", dict, mpath)
+    files = _field(m, "files", dict, mpath)
+    tok = _field(m, "tokenizer", dict, mpath)
+    tok_files = tok.get("files")
+    if not isinstance(tok_files, list):
+        raise _fail(f"{mpath}: key 'tokenizer.files' is missing or not a list")
+    if WEIGHTS_NAME not in files:
+        raise _fail(f"{mpath}: '{WEIGHTS_NAME}' is not listed in 'files'")
+    unlisted = [n for n in tok_files if n not in files]
+    if unlisted:
+        raise _fail(f"{mpath}: tokenizer file {unlisted[0]!r} is not listed in 'files'")
+    try:
+        spec = ModelSpec.from_dict(model_d)
+    except (ConfigError, TypeError, ValueError, AttributeError) as e:
+        raise _fail(f"{mpath}: invalid model spec: {e}") from None
+    if m.get("kv") != kv_view(spec):
+        raise _fail(f"{mpath}: 'kv' does not match the per-layer KV specs in 'model'")
+
+    _check_files(root, files, mpath)
+
+    listed = _manifest_tensors(tensors_d, mpath)
+    try:
+        implied = implied_tensors(spec, weights, where=f"{mpath}: weights")
+    except ConfigError as e:  # the spec names something this mcomp cannot build
+        raise _fail(f"{mpath}: model spec cannot be built: {e}") from None
+    diff = compare_tensors(implied, listed, expected_what="the model spec",
+                           actual_what=f"{MANIFEST_NAME} 'tensors'")
+    if diff:
+        raise _fail(f"{mpath}: {diff}")
+    for name, entry in weights.items():
+        want = module_bytes(implied, name)
+        if entry.get("bytes") != want:
+            raise _fail(f"{mpath}: weights '{name}' lists {entry.get('bytes')} bytes, its tensors "
+                        f"hold {want}")
+    wpath = root / WEIGHTS_NAME
+    header, meta = read_safetensors_header(wpath)
+    if meta.get("format") != FORMAT:
+        raise _fail(f"{wpath}: not written by mcomp (metadata format {meta.get('format')!r})")
+    diff = compare_tensors(listed, header, expected_what=MANIFEST_NAME,
+                           actual_what="the safetensors header")
+    if diff:
+        raise _fail(f"{wpath}: {diff}")
+    return _Checked(root, m, spec, weights)
+
+
+def verify_artifact(path: str | os.PathLike) -> dict:
+    """Run every integrity check of `load_artifact` without building the model; returns the
+    manifest. Raises ArtifactError (one line, naming the file) on the first problem."""
+    return _check(path).manifest
+
+
+def load_artifact(path: str | os.PathLike) -> LoadedArtifact:
+    """Verify, then build the traced IR (CausalLM from the stored spec, QuantLinear where the
+    manifest says quantized, strict state-dict load)."""
+    c = _check(path)
+    wpath = c.root / WEIGHTS_NAME
+    try:
+        model = build_skeleton(c.spec, c.weights, where=str(c.root / MANIFEST_NAME), device="cpu")
+        sd = load_file(str(wpath))
+    except MCompError:
+        raise
+    except Exception as e:  # safetensors' own parse errors, allocation failures
+        raise _fail(f"{wpath}: cannot be read: {type(e).__name__}: {e}") from None
+    if c.spec.tie_embeddings and "embed.weight" in sd:
+        sd["lm_head.weight"] = sd["embed.weight"]
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise _fail(f"{wpath}: does not fit the model spec: {e}") from None
+    model.eval()
+    gm = ir.trace(model)
+    gm.eval()
+    tok_dir = c.root if c.manifest["tokenizer"]["files"] else None
+    return LoadedArtifact(gm=gm, manifest=c.manifest, path=c.root, tokenizer_dir=tok_dir)

@@ -1,0 +1,214 @@
+"""Artifact manifest schema: constants, canonical JSON and its digest, and the one function that
+says which tensors a model spec plus a weight table imply.
+
+The manifest is the artifact's table of contents. Loading trusts nothing in it until its own
+digest (`manifest_sha256`, over the canonical JSON of every other key) matches, and trusts no
+tensor until the tensors the spec implies, the tensors the manifest lists and the tensors the
+safetensors header holds are the same set with the same dtypes and shapes.
+
+`implied_tensors` is shared by save (to fill `manifest["tensors"]` and to check the model about
+to be written) and load (to check a manifest before any tensor is read), so both sides agree
+by construction.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..compiler import ir
+from ..compiler.model import CausalLM
+from ..compiler.spec import ModelSpec
+from ..errors import ArtifactError, ConfigError
+from ..quant.linear import QuantLinear
+from ..quant.scheme import WeightScheme
+
+FORMAT = "mcomp-artifact"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST_NAME = "manifest.json"
+WEIGHTS_NAME = "model.safetensors"
+DIGEST_KEY = "manifest_sha256"
+SAFETENSORS_METADATA = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+
+WEIGHT_KINDS = ("float", "quantized")
+
+# safetensors header dtype codes ↔ torch dtype names (the manifest uses the torch names)
+ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+             "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+             "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+             "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_itemsize(name: str) -> int:
+    return getattr(torch, name).itemsize
+
+
+# ----------------------------------------------------------------------------- JSON
+
+def jsonable(obj: Any) -> Any:
+    """A JSON-safe copy that survives dump → load → dump unchanged (so the digest is stable):
+    str keys, lists for tuples, plain numbers, non-finite floats as strings."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return jsonable(obj.item())
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
+        return [jsonable(v) for v in items]
+    if hasattr(obj, "to_dict"):
+        return jsonable(obj.to_dict())
+    if hasattr(obj, "item"):  # numpy scalars
+        return jsonable(obj.item())
+    return str(obj)
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("utf-8")
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of the manifest without its own digest key."""
+    body = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def kv_view(spec: ModelSpec) -> list[dict]:
+    """The per-layer KV representations (a redundant, human-readable view of the spec)."""
+    return [{"layer": i, **l.kv.to_dict()} for i, l in enumerate(spec.layers)]
+
+
+# ----------------------------------------------------------------------------- weights
+
+def weight_entry(mod: nn.Module) -> dict:
+    """kind / shape / scheme of one float or quantized linear (bytes are filled in later)."""
+    out_f, in_f = ir.linear_shape(mod)
+    if isinstance(mod, QuantLinear):
+        return {"kind": "quantized", "shape": [out_f, in_f], "scheme": mod.scheme.to_dict()}
+    if isinstance(mod, nn.Linear):
+        return {"kind": "float", "shape": [out_f, in_f], "scheme": None}
+    raise ArtifactError(f"cannot describe linear of type {type(mod).__name__}; "
+                        "codegen knows nn.Linear and QuantLinear")
+
+
+def describe_linears(model: nn.Module, spec: ModelSpec) -> dict[str, dict]:
+    """Weight table entries (without bytes) for every linear the spec says the model has."""
+    table = {}
+    for name in ir.expected_linear_shapes(spec):
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ArtifactError(f"model has no module '{name}' although its spec implies one") from None
+        table[name] = weight_entry(mod)
+    return table
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtype_itemsize(self.dtype)
+
+    def to_dict(self) -> dict:
+        return {"dtype": self.dtype, "shape": list(self.shape)}
+
+
+def build_skeleton(spec: ModelSpec, weights: Mapping[str, Mapping[str, Any]], *,
+                   where: str = "weights", device: str | torch.device = "meta") -> CausalLM:
+    """CausalLM(spec) with the linears `weights` marks quantized replaced by QuantLinear.
+
+    Checks the weight table against the spec on the way: same linear names, same shapes,
+    valid kinds and schemes. On "meta" nothing is allocated.
+    """
+    expected = ir.expected_linear_shapes(spec)
+    missing = [n for n in expected if n not in weights]
+    extra = [n for n in weights if n not in expected]
+    if missing:
+        raise ArtifactError(f"{where}: no entry for linear '{missing[0]}' that the model spec implies")
+    if extra:
+        raise ArtifactError(f"{where}: linear '{extra[0]}' is not part of the model spec")
+    with torch.device(device):
+        model = CausalLM(spec)
+        for name, (out_f, in_f) in expected.items():
+            entry = weights[name]
+            if not isinstance(entry, Mapping):
+                raise ArtifactError(f"{where}: entry for '{name}' is not an object")
+            kind, shape = entry.get("kind"), entry.get("shape")
+            if kind not in WEIGHT_KINDS:
+                raise ArtifactError(f"{where}: '{name}' has kind {kind!r}; "
+                                    f"valid: {', '.join(WEIGHT_KINDS)}")
+            if list(shape or ()) != [out_f, in_f]:
+                raise ArtifactError(f"{where}: '{name}' has shape {shape}, the model spec implies "
+                                    f"{[out_f, in_f]}")
+            if kind == "float":
+                if entry.get("scheme") is not None:
+                    raise ArtifactError(f"{where}: float linear '{name}' carries a scheme")
+                continue
+            try:
+                scheme = WeightScheme.from_dict(dict(entry.get("scheme") or {}))
+            except (ConfigError, TypeError) as e:
+                raise ArtifactError(f"{where}: '{name}' has an invalid scheme: {e}") from None
+            old = model.get_submodule(name)
+            ir.replace_module(model, name, QuantLinear(in_f, out_f, scheme, bias=old.bias is not None))
+    return model
+
+
+def stored_state(model: nn.Module, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The persistent tensors an artifact stores: the state dict minus a tied lm_head."""
+    sd = model.state_dict()
+    if spec.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def implied_tensors(spec: ModelSpec, weights: Mapping[str, Mapping[str, Any]], *,
+                    where: str = "weights") -> dict[str, TensorInfo]:
+    """Name → (dtype, shape) of every tensor model.safetensors must hold for this spec and weight
+    table. Built on the meta device: no memory, the same module code the loader instantiates."""
+    skeleton = build_skeleton(spec, weights, where=where, device="meta")
+    return {k: TensorInfo(dtype_name(t.dtype), tuple(t.shape))
+            for k, t in stored_state(skeleton, spec).items()}
+
+
+def module_bytes(tensors: Mapping[str, TensorInfo], module: str) -> int:
+    """Stored bytes of one module's tensors (0 for a tied lm_head: it is the embedding)."""
+    prefix = module + "."
+    return sum(t.nbytes for k, t in tensors.items() if k.startswith(prefix))
+
+
+def compare_tensors(expected: Mapping[str, TensorInfo], actual: Mapping[str, TensorInfo], *,
+                    expected_what: str, actual_what: str) -> str | None:
+    """First difference between two tensor tables as one line, or None when they are equal."""
+    for name in expected:
+        if name not in actual:
+            return f"tensor '{name}' implied by {expected_what} is missing from {actual_what}"
+    for name in actual:
+        if name not in expected:
+            return f"tensor '{name}' in {actual_what} is not implied by {expected_what}"
+    for name, e in expected.items():
+        a = actual[name]
+        if e.dtype != a.dtype:
+            return f"tensor '{name}' is {a.dtype} in {actual_what}, {expected_what} implies {e.dtype}"
+        if tuple(e.shape) != tuple(a.shape):
+            return (f"tensor '{name}' has shape {list(a.shape)} in {actual_what}, "
+                    f"{expected_what} implies {list(e.shape)}")
+    return None
