@@ -18,7 +18,7 @@ def qwen_layer_windows(cfg: dict, n_layers: int) -> list[tuple[str, int | None]]
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", False) else None
     types = cfg.get("layer_types")
     if not types:
-        first = cfg.get("max_window_layers", n_layers)
+        first = cfg.get("max_window_layers", 28)  # transformers default
         types = ["sliding_attention" if window is not None and i >= first else "full_attention"
                  for i in range(n_layers)]
     return [(t, window if t == "sliding_attention" and window else None) for t in types]
