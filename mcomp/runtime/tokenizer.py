@@ -55,8 +55,9 @@ class Tokenizer:
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, *, bos_id: int | None = None,
                  eos_ids: Sequence[int] = (), pad_id: int | None = None,
-                 add_bos_default: bool = True):
+                 add_bos_default: bool = True, folder: Path | None = None):
         self.backend = tokenizer
+        self.folder = folder  # where the tokenizer files live (artifact writers copy them)
         self.bos_id = bos_id
         self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(int(i) for i in eos_ids))
         self.pad_id = pad_id
@@ -102,7 +103,7 @@ class Tokenizer:
         add_bos = tcfg.get("add_bos_token")
         return cls(backend, bos_id=None if bos is None else int(bos), eos_ids=eos,
                    pad_id=None if pad is None else int(pad),
-                   add_bos_default=True if add_bos is None else bool(add_bos))
+                   add_bos_default=True if add_bos is None else bool(add_bos), folder=folder)
 
     @property
     def vocab_size(self) -> int:
