@@ -57,7 +57,8 @@ class QuantLinear(LeafModule):
 
     def dequantize(self) -> torch.Tensor:
         """(N, K) fp32 weight: the reference semantics of this layer."""
-        return P.dequantize_codes(self.codes(), self.scales.float(), self.zero_points())
+        return P.dequantize_codes(self.codes(), self.scales.float(), self.zero_points(),
+                                  self.scheme.effective_group(self.in_features))
 
     # ------------------------------------------------------------------ execution
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,14 @@ def group_mask(K: int, g: int) -> torch.Tensor:
     return (torch.arange(G * g) < K).view(G, g)
 
 
-def rtn_params(w: torch.Tensor, scheme: WeightScheme, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rtn_params(w: torch.Tensor, scheme: WeightScheme, clip: float = 1.0,
+               integer_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest scale and zero point per (row, group): each (N, G) fp32.
+
+    Asymmetric (default): the grid spans the group's own [min, max] with a float zero point,
+    w = (q − z)·s, z = −min/s — the grid of llama.cpp's Q4_1, HQQ and torchao's int4 "float
+    zero" layout; it reproduces a Q4_1 block exactly. `integer_zero=True` is the GPTQ/AWQ
+    convention instead (range widened to contain 0, z rounded to an integer code).
     `clip` < 1 shrinks the range (used by the clipping search)."""
     K = w.shape[1]
     g = scheme.effective_group(K)
@@ -42,34 +48,45 @@ def rtn_params(w: torch.Tensor, scheme: WeightScheme, clip: float = 1.0) -> tupl
     if scheme.symmetric:
         amax = wg.abs().masked_fill(~real, 0).amax(-1) * clip   # (N, G)
         half = 2 ** (scheme.bits - 1)
-        scale = (amax / (half - 1 if scheme.bits > 1 else 1)).clamp(min=1e-10)
+        scale = (amax / (half - 1)).clamp(min=1e-10)
         zero = torch.full_like(scale, float(half))
     else:
         big = torch.finfo(torch.float32).max
-        mn = wg.masked_fill(~real, big).amin(-1).clamp(max=0) * clip   # range always holds 0
-        mx = wg.masked_fill(~real, -big).amax(-1).clamp(min=0) * clip
-        scale = ((mx - mn) / qmax).clamp(min=1e-10)
-        zero = (-mn / scale).round().clamp(0, qmax)
+        mn = wg.masked_fill(~real, big).amin(-1)
+        mx = wg.masked_fill(~real, -big).amax(-1)
+        if integer_zero:
+            mn, mx = mn.clamp(max=0), mx.clamp(min=0)
+        mid = (mx + mn) / 2
+        mn, mx = mid + (mn - mid) * clip, mid + (mx - mid) * clip   # shrink around the middle
+        # a constant group gets a scale from its magnitude so z stays finite in fp16
+        scale = torch.maximum((mx - mn) / qmax, mn.abs().maximum(mx.abs()) / qmax).clamp(min=1e-10)
+        scale = torch.where(mx - mn > 1e-8 * scale, (mx - mn) / qmax, scale).clamp(min=1e-10)
+        zero = -mn / scale
+        if integer_zero:
+            zero = zero.round().clamp(0, qmax)
     # store at the scale dtype's precision so codes are computed against what will be used
     sd = scale_dtype(scheme)
     return scale.to(sd).float(), zero.to(sd).float()
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes (N, K) uint8 for given per-group scale/zero (N, G)."""
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                   group_size: int) -> torch.Tensor:
+    """Codes (N, K) uint8 for given per-group scale/zero (N, G). The group size is explicit: it
+    cannot be recovered from G when the last group is partial (K=576, G=5 fits g ∈ [116, 143])."""
     N, K = w.shape
+    g = group_size
     G = scale.shape[1]
-    g = -(-K // G) if G > 1 else K
     wg = pad_groups(w.float(), g)                                        # (N, G, g)
     q = (wg / scale[..., None] + zero[..., None]).round().clamp(0, 2 ** bits - 1)
     return q.view(N, G * g)[:, :K].to(torch.uint8)
 
 
-def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """(N, K) codes → fp32 weights, w = (q − z) · s per group."""
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                     group_size: int) -> torch.Tensor:
+    """(N, K) codes → fp32 weights, w = (q − z) · s per group of `group_size` columns."""
     N, K = q.shape
+    g = group_size
     G = scale.shape[1]
-    g = -(-K // G) if G > 1 else K
     qg = pad_groups(q.float(), g)                                        # (N, G, g)
     w = (qg - zero.float()[..., None]) * scale.float()[..., None]
     return w.view(N, G * g)[:, :K]

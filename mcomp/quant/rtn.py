@@ -27,6 +27,7 @@ class RTNConfig(PassConfig):
     symmetric: bool = False
     scale_dtype: str = "float16"
     clip_search: bool = False
+    integer_zero: bool = False   # GPTQ-style integer zero point (default: float zero, see rtn_params)
     skip_roles: tuple[str, ...] = ("lm_head",)   # the embedding is never a linear here
     skip_layers: tuple[int, ...] = ()
 
@@ -44,16 +45,17 @@ class RTNConfig(PassConfig):
                             scale_dtype=self.scale_dtype, method="rtn")
 
 
-def clip_search(w: torch.Tensor, scheme: WeightScheme, grid: int = 20, min_ratio: float = 0.5):
+def clip_search(w: torch.Tensor, scheme: WeightScheme, integer_zero: bool = False,
+                grid: int = 20, min_ratio: float = 0.5):
     """Per (row, group) pick the range shrink factor with the least squared error."""
-    best_s, best_z = P.rtn_params(w, scheme)
+    best_s, best_z = P.rtn_params(w, scheme, integer_zero=integer_zero)
     best_err = None
     g = scheme.effective_group(w.shape[1])
     wg = P.pad_groups(w.float(), g)                                     # (N, G, g)
     for c in torch.linspace(1.0, min_ratio, grid).tolist():
-        s, z = P.rtn_params(w, scheme, clip=c)
-        q = P.quantize_codes(w, s, z, scheme.bits)
-        err = (P.pad_groups(P.dequantize_codes(q, s, z), g) - wg).pow(2).sum(-1)   # (N, G)
+        s, z = P.rtn_params(w, scheme, clip=c, integer_zero=integer_zero)
+        q = P.quantize_codes(w, s, z, scheme.bits, g)
+        err = (P.pad_groups(P.dequantize_codes(q, s, z, g), g) - wg).pow(2).sum(-1)   # (N, G)
         if best_err is None:
             best_err = err
             continue
@@ -64,10 +66,12 @@ def clip_search(w: torch.Tensor, scheme: WeightScheme, grid: int = 20, min_ratio
     return best_s, best_z
 
 
-def quantize_linear(lin: nn.Linear, scheme: WeightScheme, search: bool = False) -> QuantLinear:
+def quantize_linear(lin: nn.Linear, scheme: WeightScheme, search: bool = False,
+                    integer_zero: bool = False) -> QuantLinear:
     w = lin.weight.detach().float()
-    s, z = clip_search(w, scheme) if search else P.rtn_params(w, scheme)
-    q = P.quantize_codes(w, s, z, scheme.bits)
+    s, z = (clip_search(w, scheme, integer_zero) if search
+            else P.rtn_params(w, scheme, integer_zero=integer_zero))
+    q = P.quantize_codes(w, s, z, scheme.bits, scheme.effective_group(w.shape[1]))
     return QuantLinear.from_codes(q, s, z, scheme, None if lin.bias is None else lin.bias.detach())
 
 
@@ -93,7 +97,7 @@ class QuantizeWeightsRTN(Pass):
                 skipped.append({"node": node.target, "reason": "skip list"})
                 continue
             before += mod.weight.numel() * mod.weight.element_size()
-            qmod = quantize_linear(mod, scheme, cfg.clip_search)
+            qmod = quantize_linear(mod, scheme, cfg.clip_search, cfg.integer_zero)
             after += scheme.nbytes(qmod.out_features, qmod.in_features)
             ir.replace_module(gm, node.target, qmod)
             if info.role == "lm_head" and spec.tie_embeddings:
