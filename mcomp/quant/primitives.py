@@ -35,10 +35,11 @@ def rtn_params(w: torch.Tensor, scheme: WeightScheme, clip: float = 1.0,
                integer_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest scale and zero point per (row, group): each (N, G) fp32.
 
-    Asymmetric (default): the grid spans the group's own [min, max] with a float zero point,
-    w = (q − z)·s, z = −min/s — the grid of llama.cpp's Q4_1, HQQ and torchao's int4 "float
-    zero" layout; it reproduces a Q4_1 block exactly. `integer_zero=True` is the GPTQ/AWQ
-    convention instead (range widened to contain 0, z rounded to an integer code).
+    Asymmetric, `integer_zero=False`: the grid spans the group's own [min, max] with a float
+    zero point, w = (q − z)·s, z = −min/s — the grid of llama.cpp's Q4_1, HQQ and torchao's
+    int4 "float zero" layout; it reproduces a Q4_1 block exactly. `integer_zero=True` is the
+    GPTQ/AWQ convention (range widened to contain 0, z rounded to an integer code), which the
+    RTN pass uses by default because it measured better at g128 (docs/benchmarks.md).
     `clip` < 1 shrinks the range (used by the clipping search)."""
     K = w.shape[1]
     g = scheme.effective_group(K)

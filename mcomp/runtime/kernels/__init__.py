@@ -67,3 +67,4 @@ def linear_kernel(m) -> Callable:
         m._kernel = select_linear_kernel(m)
         log.debug("kernel %s for %s", m._kernel.name, m.scheme.label())
     return m._kernel.run
+from . import cpu_int  # noqa: E402,F401  registers fast kernels
