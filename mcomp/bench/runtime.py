@@ -48,8 +48,12 @@ def _hf_runner(hf_dir: str):
                                                  attn_implementation="eager").eval()
     params = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
 
+    # transformers 5.24 renamed past_key_values → cache; accept either
+    import inspect
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     def forward(ids, cache):
-        return model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        return model(input_ids=ids, use_cache=True, **{key: cache}).logits
 
     return forward, DynamicCache, sum(params.values()), model.config.vocab_size
 
@@ -68,6 +72,18 @@ def _mcomp_runner(artifact: str):
         return gm(ids, pos, state)
 
     return forward, lambda: AttentionState(spec, 1), ir.weight_bytes(gm), spec.vocab_size
+
+
+def _peak_rss() -> int:
+    """This process's own peak RSS. Not getrusage: Linux carries ru_maxrss across fork/exec,
+    so a spawned child would report its parent's peak. VmHWM belongs to the address space."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _child(name: str, target: str, cfg: BenchConfig, q) -> None:
@@ -96,7 +112,7 @@ def _child(name: str, target: str, cfg: BenchConfig, q) -> None:
                 for _ in range(cfg.decode_steps):
                     nxt = forward(nxt, cache)[:, -1:].argmax(-1)
                 res[f"decode_tok_s@{ctx}"] = cfg.decode_steps / (time.perf_counter() - t0)
-        res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        res["peak_rss_bytes"] = _peak_rss()
         q.put(res)
     except BaseException as e:  # report to the parent instead of dying silently
         q.put({"config": name, "error": f"{type(e).__name__}: {e}"})
@@ -136,7 +152,7 @@ def to_markdown(results: list[dict], cfg: BenchConfig) -> str:
     cols = ["prefill_tok_s"] + [f"decode_tok_s@{c}" for c in cfg.decode_contexts]
     head = ("| configuration | weight MB | peak RSS MB | prefill tok/s (512) | "
             + " | ".join(f"decode tok/s @{c}" for c in cfg.decode_contexts) + " |")
-    lines = [head, "|" + "---|" * (3 + len(cfg.decode_contexts))]
+    lines = [head, "|" + "---|" * (4 + len(cfg.decode_contexts))]
     for r in results:
         cells = [f"{r[c]:.1f} ({r[c] / base[c]:.2f}×)" for c in cols]
         lines.append(f"| {r['config']} | {r['weight_bytes'] / 1e6:.1f} | {r['peak_rss_bytes'] / 1e6:.0f} | "

@@ -447,7 +447,8 @@ def load_artifact(path: str | os.PathLike) -> LoadedArtifact:
     c = _check(path)
     wpath = c.root / WEIGHTS_NAME
     try:
-        model = build_skeleton(c.spec, c.weights, where=str(c.root / MANIFEST_NAME), device="cpu")
+        # meta skeleton + assign: no random-initialized fp32 copy is ever allocated
+        model = build_skeleton(c.spec, c.weights, where=str(c.root / MANIFEST_NAME), device="meta")
         sd = load_file(str(wpath))
     except MCompError:
         raise
@@ -456,10 +457,12 @@ def load_artifact(path: str | os.PathLike) -> LoadedArtifact:
     if c.spec.tie_embeddings and "embed.weight" in sd:
         sd["lm_head.weight"] = sd["embed.weight"]
     try:
-        model.load_state_dict(sd, strict=True)
+        model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         raise _fail(f"{wpath}: does not fit the model spec: {e}") from None
-    model.eval()
+    if c.spec.tie_embeddings:
+        model.lm_head.weight = model.embed.weight  # assign=True loaded two Parameters; re-tie
+    model.init_derived_buffers().eval()
     gm = ir.trace(model)
     gm.eval()
     tok_dir = c.root if c.manifest["tokenizer"]["files"] else None

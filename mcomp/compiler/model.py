@@ -238,6 +238,15 @@ class CausalLM(nn.Module):
         if spec.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
+    def init_derived_buffers(self) -> "CausalLM":
+        """Recompute the non-persistent buffers (rotary frequencies, embedding scale) from the
+        spec on the CPU: lets a loader build the model on the meta device and `assign` weights
+        without ever allocating a random-initialized copy."""
+        for table in self.rope:
+            table.inv_freq = rope_inv_freq(table.rope)
+        self.embed_scale = torch.tensor(self.spec.embed_scale)
+        return self
+
     def forward(self, input_ids, positions, state=None):
         x = self.embed(input_ids)
         if self.spec.embed_scale != 1.0:

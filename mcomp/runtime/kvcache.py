@@ -36,7 +36,8 @@ class KVCache:
 
     def attend(self, q, k, v, scale: float, mask: torch.Tensor) -> torch.Tensor:
         """Append k/v (B, Hkv, T, D), then attend q (B, Hq, T, D) over the whole cache.
-        mask: (B, 1, T, S) bool, True = may attend. Returns (B, Hq, T, D)."""
+        mask: (B, 1, T, S) bool, True = may attend; None = causal over exactly these T tokens
+        (the cache was empty). Returns (B, Hq, T, D)."""
         raise NotImplementedError
 
 
@@ -77,8 +78,8 @@ class DenseKVCache(KVCache):
     def attend(self, q, k, v, scale, mask):
         k_all, v_all = self.append(k, v)  # (B, Hkv, S, D)
         return F.scaled_dot_product_attention(
-            q, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=mask, scale=scale,
-            enable_gqa=q.shape[1] != k_all.shape[1])
+            q, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=mask, is_causal=mask is None,
+            scale=scale, enable_gqa=q.shape[1] != k_all.shape[1])
 
 
 class AttentionState:
@@ -95,18 +96,29 @@ class AttentionState:
         self.key_valid = torch.empty(batch, 0, dtype=torch.bool)
         self.q_pos = None
         self._masks: dict = {}
+        self._plain_causal = False
 
     def begin(self, positions: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         if valid is None:
             valid = torch.ones_like(positions, dtype=torch.bool)
+        first = self.key_pos.shape[1] == 0
         self.q_pos = positions
         self.key_pos = torch.cat([self.key_pos, positions], dim=1)
         self.key_valid = torch.cat([self.key_valid, valid], dim=1)
         self._masks = {}
+        T = positions.shape[1]
+        self._plain_causal = (first and bool(valid.all())
+                              and bool((positions == torch.arange(T)).all()))
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        """(B, 1, T, S) bool: causal by position, within the window, key not padding."""
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        """(B, 1, T, S) bool: causal by position, within the window, key not padding.
+
+        None means "plain causal over exactly these tokens" (first chunk, no padding, no window
+        reaching back): attention may then use SDPA's is_causal path, which needs no mask."""
         if window not in self._masks:
+            if self._plain_causal and (window is None or window >= self.length):
+                self._masks[window] = None
+                return None
             qp = self.q_pos[:, :, None]             # (B, T, 1)
             kp = self.key_pos[:, None, :]           # (B, 1, S)
             m = self.key_valid[:, None, :] & (kp <= qp)
