@@ -253,7 +253,9 @@ class CausalLM(nn.Module):
             x = x * self.embed_scale
         if self.spec.learned_positions:
             x = x + self.pos_embed(positions)
-        tables = [r(positions) for r in self.rope]
+        # unpack (cos, sin) once, here: unpacking a traced tuple inside the layer loop would put
+        # layer-less getitem nodes between layers and break the layer-by-layer graph layout
+        tables = [(t[0], t[1]) for t in (r(positions) for r in self.rope)]
         for block in self.layers:
             rope = block.spec.rope
             cos, sin = tables[self.rope_index[rope]] if rope is not None else (None, None)
