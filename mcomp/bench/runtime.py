@@ -166,15 +166,8 @@ def to_markdown(results: list[dict], cfg: BenchConfig) -> str:
 
 def write_report(results: list[dict], cfg: BenchConfig, path: Path) -> None:
     """Replace the runtime section of docs/benchmarks.md (other sections are kept)."""
-    begin, end = "<!-- bench:runtime:begin -->", "<!-- bench:runtime:end -->"
-    section = (f"{begin}\n## Runtime: HF eager vs mcomp fp32 vs mcomp int4\n\n"
-               f"Command: `mcomp bench runtime --model {cfg.model} --threads {cfg.threads}`\n\n"
-               + to_markdown(results, cfg) + f"\n```json\n{json.dumps(results, indent=1)}\n```\n{end}")
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery table below comes from an actual run of the command above it.\n"
-    if begin in text and end in text:
-        pre, rest = text.split(begin, 1)
-        text = pre + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    from . import write_section
+    write_section(path, "runtime",
+                  "## Runtime: HF eager vs mcomp fp32 vs mcomp int4\n\n"
+                  f"Command: `mcomp bench runtime --model {cfg.model} --threads {cfg.threads}`\n\n"
+                  + to_markdown(results, cfg) + f"\n```json\n{json.dumps(results, indent=1)}\n```")

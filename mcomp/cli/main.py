@@ -20,6 +20,8 @@ from ..errors import MCompError
 
 err = Console(stderr=True)
 out = Console()
+if not out.is_terminal:   # piped or captured: rich would assume 80 columns and truncate tables
+    out = Console(width=160)
 
 
 def _mb(n: int) -> str:
@@ -115,8 +117,9 @@ def optimize(model, preset, recipe_file, weights, calib, out_dir, as_json):
                                    "report": rep}, default=str))
         return
     t = Table(title=f"{model} · recipe {recipe.name}", title_justify="left")
-    for col in ("pass", "seconds", "max |Δlogit|", "KL", "top-1", "KL total", "weights"):
-        t.add_column(col, justify="right" if col != "pass" else "left")
+    t.add_column("pass", no_wrap=True)
+    for col in ("seconds", "max |Δlogit|", "KL", "top-1", "KL total", "weights"):
+        t.add_column(col, justify="right")
     for p in rep["passes"]:
         d, dt = p["drift"] or {}, p["drift_total"] or {}
         t.add_row(p["name"], f"{p['seconds']:.2f}", f"{d.get('max_abs_logit', float('nan')):.3g}",

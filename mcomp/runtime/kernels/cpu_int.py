@@ -131,28 +131,38 @@ def _int4_op_group(m) -> int | None:
     return None
 
 
+def _self_test(label: str, compute) -> bool:
+    """One-time check that an op computes what this module assumes: `compute()` returns
+    (op result, fp32 reference) on a small random case. Any exception or mismatch → False,
+    and the selector then falls back to the reference kernel."""
+    try:
+        y, ref = compute()
+        ok = bool(((y.float() - ref).abs().max() <= 2e-2 * ref.abs().max() + 1e-3).item())
+    except Exception as e:  # op present but unusable on this CPU/build
+        log.debug("%s CPU op self test raised %s: %s", label, type(e).__name__, e)
+        return False
+    if not ok:
+        log.debug("%s CPU op self test gave wrong results; using the reference kernel", label)
+    return ok
+
+
 @functools.lru_cache(maxsize=None)
 def _int4_available() -> bool:
     conv, mm = _op("_convert_weight_to_int4pack_for_cpu"), _op("_weight_int4pack_mm_for_cpu")
     if conv is None or mm is None:
         log.debug("int4 CPU ops missing from this torch build")
         return False
-    try:  # one-time self test of the op semantics this module relies on
+
+    def compute():
         g = torch.Generator().manual_seed(0)
         q = torch.randint(0, 16, (16, 64), generator=g, dtype=torch.int32)
         sz = torch.rand(2, 16, 2, generator=g).bfloat16()
         x = torch.randn(2, 64, generator=g).bfloat16()
-        y = mm(x, conv(q, 2), 32, sz).float()
         s = sz[..., 0].float().t().repeat_interleave(32, 1)
         z = sz[..., 1].float().t().repeat_interleave(32, 1)
-        ref = x.float() @ ((q.float() - 8) * s + z).t()
-        ok = bool(((y - ref).abs().max() <= 2e-2 * ref.abs().max() + 1e-3).item())
-    except Exception as e:  # op present but unusable on this CPU/build: fall back
-        log.debug("int4 CPU op self test raised %s: %s", type(e).__name__, e)
-        return False
-    if not ok:
-        log.debug("int4 CPU op self test gave wrong results; using the reference kernel")
-    return ok
+        return mm(x, conv(q, 2), 32, sz), x.float() @ ((q.float() - 8) * s + z).t()
+
+    return _self_test("int4", compute)
 
 
 def _int4_applies(m) -> bool:
@@ -201,20 +211,15 @@ def _int8_available() -> bool:
     if mm is None:
         log.debug("int8 CPU op missing from this torch build")
         return False
-    try:
+
+    def compute():
         g = torch.Generator().manual_seed(0)
         w = torch.randint(-128, 128, (8, 64), generator=g, dtype=torch.int8)
         s = (torch.rand(8, generator=g) + 0.5).bfloat16()
         x = torch.randn(2, 64, generator=g).bfloat16()
-        y = mm(x, w, s).float()
-        ref = (x.float() @ w.float().t()) * s.float()
-        ok = bool(((y - ref).abs().max() <= 2e-2 * ref.abs().max() + 1e-3).item())
-    except Exception as e:
-        log.debug("int8 CPU op self test raised %s: %s", type(e).__name__, e)
-        return False
-    if not ok:
-        log.debug("int8 CPU op self test gave wrong results; using the reference kernel")
-    return ok
+        return mm(x, w, s), (x.float() @ w.float().t()) * s.float()
+
+    return _self_test("int8", compute)
 
 
 def _int8_applies(m) -> bool:
