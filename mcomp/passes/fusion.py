@@ -46,8 +46,12 @@ def fuse_siblings(gm: fx.GraphModule, roles: tuple[str, ...], fused_role: str,
             fnode = gm.graph.call_module(target, (parts[0].args[0],))
             split = gm.graph.call_method("split", (fnode, [m.out_features for m in mods]),
                                          {"dim": -1})
-            for j, n in enumerate(parts):
-                piece = gm.graph.call_function(operator.getitem, (split, j))
+            pieces = [gm.graph.call_function(operator.getitem, (split, j)) for j in range(len(parts))]
+            # the split and its pieces belong to the layer (LayerwiseRunner needs every node
+            # between a layer's first and last node to carry that layer)
+            for new_node in (split, *pieces):
+                new_node.meta["nn_module_stack"] = dict(parts[0].meta.get("nn_module_stack") or {})
+            for n, piece in zip(parts, pieces):
                 n.replace_all_uses_with(piece)
         for n in parts:
             gm.graph.erase_node(n)
