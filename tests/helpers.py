@@ -36,3 +36,11 @@ def tiny_ctx(vocab: int = 128, seed: int = 0) -> CompileContext:
     g = torch.Generator().manual_seed(seed)
     return CompileContext(calib_ids=torch.randint(3, vocab, (4096,), generator=g),
                           probe_ids=torch.randint(3, vocab, (2, 32), generator=g), bos_id=1)
+
+
+def small_ctx(n_samples: int = 8, seq_len: int = 128) -> CompileContext:
+    """tiny_ctx with fewer, shorter calibration windows: keeps calibrated-pass tests fast."""
+    import dataclasses
+
+    from mcomp.compiler.context import CalibrationConfig
+    return dataclasses.replace(tiny_ctx(), config=CalibrationConfig(n_samples=n_samples, seq_len=seq_len))
