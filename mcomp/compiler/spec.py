@@ -24,16 +24,81 @@ def _from_mapping(cls, data: Mapping[str, Any], *, where: str):
     return cls(**dict(data))
 
 
+KV_KINDS = ("dense", "kivi")
+KV_BITS = (2, 4, 8)
+KV_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class KVSpec:
-    """How a layer's K/V are stored. `dense` is the only representation the foundation ships;
-    quantized / latent / rematerialized kinds register themselves in runtime.kvcache."""
+    """How a layer's K/V are stored (the runtime container is KV_REPRESENTATIONS[kind]).
+
+    - `dense`: full precision K/V in `dtype`.
+    - `kivi`: KIVI-style asymmetric quantization. Keys per channel (scale/min per (head, channel)
+      over a block of `group_size` tokens) or, for ablations, per token (`k_axis="token"`);
+      values per token over groups of `min(group_size, head_dim)` channels. The `residual` most
+      recent tokens stay in full precision (`dtype`) and are flushed into the quantized store
+      `group_size` tokens at a time; the first `sink` tokens are never quantized.
+
+    Every field has a default so manifests written before the quantized kinds existed load
+    unchanged (their `kv` dict only has kind and dtype)."""
 
     kind: str = "dense"
-    dtype: str = "float32"
+    dtype: str = "float32"          # dense storage; for kivi: the fp residual/sink storage
+    k_bits: int = 4
+    v_bits: int = 4
+    group_size: int = 32
+    residual: int = 128
+    sink: int = 0
+    k_axis: str = "channel"         # channel (KIVI) | token (ablation)
+
+    def __post_init__(self):
+        if self.kind not in KV_KINDS:
+            raise ConfigError(f"kv spec: unknown kind '{self.kind}'; valid: {', '.join(KV_KINDS)}")
+        if self.dtype not in KV_DTYPES:
+            raise ConfigError(f"kv spec: dtype '{self.dtype}' not in {', '.join(KV_DTYPES)}")
+        if self.kind != "kivi":
+            return
+        for name in ("k_bits", "v_bits"):
+            if getattr(self, name) not in KV_BITS:
+                raise ConfigError(f"kv spec: {name}={getattr(self, name)} must be one of "
+                                  f"{', '.join(map(str, KV_BITS))}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ConfigError(f"kv spec: group_size must be a positive integer, got {self.group_size}")
+        if not isinstance(self.residual, int) or self.residual < 0:
+            raise ConfigError(f"kv spec: residual must be an integer >= 0, got {self.residual}")
+        if not isinstance(self.sink, int) or self.sink < 0:
+            raise ConfigError(f"kv spec: sink must be an integer >= 0, got {self.sink}")
+        if self.k_axis not in ("channel", "token"):
+            raise ConfigError(f"kv spec: k_axis '{self.k_axis}' must be 'channel' or 'token'")
+
+    def label(self) -> str:
+        if self.kind == "dense":
+            return f"dense-{self.dtype}"
+        k = f"k{self.k_bits}" + ("t" if self.k_axis == "token" else "")
+        return (f"kivi-{k}v{self.v_bits}-g{self.group_size}-r{self.residual}"
+                + (f"-s{self.sink}" if self.sink else ""))
+
+    def check_layer(self, head_dim: int) -> None:
+        """Constraints that need the layer's head_dim (LayerSpec calls this)."""
+        if self.kind != "kivi":
+            return
+        gv = min(self.group_size, head_dim)
+        if head_dim % gv:
+            raise ConfigError(f"kv spec: value channel group min(group_size={self.group_size}, "
+                              f"head_dim={head_dim}) must divide head_dim")
+        for bits in (self.k_bits, self.v_bits):
+            if head_dim % (8 // bits):
+                raise ConfigError(f"kv spec: head_dim={head_dim} must be a multiple of "
+                                  f"{8 // bits} to pack {bits}-bit codes")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Only the fields the kind uses: a dense spec serializes exactly as before the
+        quantized kinds existed (kind, dtype), so dense manifests are unchanged."""
+        d = dataclasses.asdict(self)
+        if self.kind == "dense":
+            return {"kind": self.kind, "dtype": self.dtype}
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "KVSpec":
@@ -85,6 +150,7 @@ class LayerSpec:
             raise ConfigError(
                 f"layer spec: n_heads={self.n_heads} must be a positive multiple of "
                 f"n_kv_heads={self.n_kv_heads}")
+        self.kv.check_layer(self.head_dim)
 
     @property
     def q_dim(self) -> int:

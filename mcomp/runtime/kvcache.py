@@ -34,6 +34,11 @@ class KVCache:
     def nbytes(self) -> int:
         return self.bytes_per_token(self.layer) * self.length * self.batch
 
+    # Evaluation mode for lossy representations: a multi-token chunk attends over the cache
+    # exactly as token-by-token decode would have (each query sees what had been quantized by
+    # its own step). Lossless representations have nothing to do.
+    quantize_before_attend: bool = False
+
     def attend(self, q, k, v, scale: float, mask: torch.Tensor) -> torch.Tensor:
         """Append k/v (B, Hkv, T, D), then attend q (B, Hq, T, D) over the whole cache.
         mask: (B, 1, T, S) bool, True = may attend; None = causal over exactly these T tokens
@@ -89,8 +94,10 @@ class AttentionState:
     Usage per forward: `state.begin(positions, valid)` then `model(ids, positions, state)`.
     """
 
-    def __init__(self, spec: ModelSpec, batch: int):
+    def __init__(self, spec: ModelSpec, batch: int, quantize_before_attend: bool = False):
         self.caches = [KV_REPRESENTATIONS.get(l.kv.kind)(l, batch) for l in spec.layers]
+        for c in self.caches:  # see KVCache.quantize_before_attend
+            c.quantize_before_attend = quantize_before_attend
         self.batch = batch
         self.key_pos = torch.empty(batch, 0, dtype=torch.long)
         self.key_valid = torch.empty(batch, 0, dtype=torch.bool)
@@ -138,3 +145,6 @@ class AttentionState:
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.caches)
+
+
+from . import kv as _kv  # noqa: E402,F401  registers the non-dense representations

@@ -36,6 +36,9 @@ LOGITS_BUDGET_BYTES = 512 << 20
 MAX_EVAL_BATCH = 4
 
 
+STREAM_MODES = ("stream", "prefill")   # Session.streaming_perplexity
+
+
 @dataclass(frozen=True)
 class PerplexityResult:
     ppl: float
@@ -305,6 +308,80 @@ class Session:
             "ctx": ctx,
         }
 
+    # ------------------------------------------------------------------ KV evaluation
+    # KV compression is only seen when attention reads the cache (docs/architecture.md,
+    # "Measuring quality"): plain `perplexity` runs without a cache and measures nothing of it.
+
+    def streaming_perplexity(self, text_or_ids: str | Sequence[int] | torch.Tensor, ctx: int = 512,
+                             max_tokens: int | None = 1024, mode: str = "stream",
+                             progress: Progress | None = None, batch_size: int | None = None
+                             ) -> dict:
+        """Perplexity with every layer's KV representation in the loop, on the same windows as
+        `perplexity`, plus KL(uncompressed-KV || this) and top-1 agreement against a plain causal
+        forward of the same model (the same weights with an exact cache).
+
+        mode "stream": token-by-token decode through the real cache (the windows of a batch advance
+        together, one token per step) — what a deployed decoder sees.
+        mode "prefill": one forward per window over a cache in quantize-before-attend mode: every
+        query attends to exactly the state streaming decode would have had at its step (equal to
+        "stream" up to float rounding, much faster)."""
+        from .kvcache import KV_REPRESENTATIONS, AttentionState
+        import time
+
+        if mode not in STREAM_MODES:
+            raise ConfigError(f"mode '{mode}' not in {', '.join(STREAM_MODES)}")
+        self._check_ctx(ctx)
+        wins = self.windows(text_or_ids, ctx, max_tokens)                  # (W, ctx)
+        W = wins.shape[0]
+        bs = batch_size or default_batch_size(ctx, self.spec.vocab_size)
+        nll = base_nll = kld = 0.0
+        top1 = 0
+        t0 = time.perf_counter()
+        n_batches = -(-W // bs)
+        total = n_batches * (ctx if mode == "stream" else 1)
+        done = 0
+        _report(progress, 0, total)
+        for start in range(0, W, bs):
+            x = wins[start:start + bs]                                     # (b, ctx)
+            b = x.shape[0]
+            pos = torch.arange(ctx)[None, :].expand(b, ctx)                # (b, ctx)
+            tgt = x[:, 1:]                                                 # (b, ctx-1)
+            with torch.inference_mode():
+                base = self.gm(x, pos, None)                               # (b, ctx, V)
+            state = AttentionState(self.spec, b, quantize_before_attend=mode == "prefill")
+            if mode == "prefill":
+                with torch.inference_mode():
+                    state.begin(pos)
+                    logits = self.gm(x, pos, state)                        # (b, ctx, V)
+                steps = [(slice(0, ctx - 1), logits[:, :-1])]
+                done += 1
+                _report(progress, done, total)
+            else:
+                steps = []
+                for t in range(ctx - 1):  # the last token predicts nothing scored
+                    with torch.inference_mode():
+                        state.begin(pos[:, t:t + 1])
+                        lt = self.gm(x[:, t:t + 1], pos[:, t:t + 1], state)  # (b, 1, V)
+                    steps.append((slice(t, t + 1), lt))
+                    done += 1
+                    _report(progress, done, total)
+                done += 1
+            for sl, lg in steps:
+                r = base[:, sl]                                            # (b, n, V)
+                nll += metrics.token_nll(lg, tgt[:, sl]).double().sum().item()
+                base_nll += metrics.token_nll(r, tgt[:, sl]).double().sum().item()
+                kld += metrics.token_kl(r, lg).double().sum().item()
+                top1 += int(metrics.token_top1(r, lg).sum())
+            _report(progress, done, total)
+        scored = W * (ctx - 1)
+        labels = sorted({l.kv.label() for l in self.spec.layers})
+        bpt = sum(KV_REPRESENTATIONS.get(l.kv.kind).bytes_per_token(l) for l in self.spec.layers)
+        return {"ppl": math.exp(nll / scored), "nll": nll / scored,
+                "base_ppl": math.exp(base_nll / scored), "kld": kld / scored,
+                "top1_agreement": top1 / scored, "tokens_scored": scored, "windows": W, "ctx": ctx,
+                "mode": mode, "kv": labels, "kv_bytes_per_token": bpt,
+                "seconds": round(time.perf_counter() - t0, 2)}
+
     def _check_ctx(self, ctx: int) -> None:
         if self.spec.learned_positions and ctx > self.spec.learned_positions:
             raise ConfigError(f"ctx={ctx} exceeds the model's {self.spec.learned_positions} "
@@ -312,3 +389,4 @@ class Session:
         if ctx > self.spec.max_positions:
             log.warning("ctx=%d exceeds the model's max_positions=%d", ctx,
                         self.spec.max_positions)
+

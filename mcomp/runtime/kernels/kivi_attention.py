@@ -1,0 +1,433 @@
+"""Fast decode attention over a KIVI cache (one query token), reading packed K/V directly.
+
+C++ through `torch.utils.cpp_extension.load_inline` (JIT, cached in torch's extension dir;
+-O3 -march=native, at::parallel_for over batch × KV head × sequence split). Algorithm per
+(batch row, KV head, split of the quantized blocks):
+
+1. logits. fp sink / residual tokens: q·k. Quantized key block (per-channel s, m over G tokens):
+   q·(s⊙k_q + m) = (q⊙s)·k_q + q·m, so per block we form qs = scale·q⊙s (D floats) and
+   qm = scale·q·m once per query head; a block's keys are stored channel-major, so the block is
+   unpacked once (one long vector loop, shared by the rep = Hq/Hkv query heads of the group,
+   GQA) and its G logits are qm + Σ_d qs_d · codes[d, :]: axpys over the G tokens — vector
+   work, no per-token horizontal sums. Masked columns (padding, sliding
+   window) get −inf; blocks entirely masked are skipped.
+2. softmax over [sink | quantized | residual] logits of the split (one softmax: the splits are
+   merged exactly afterwards with the online-softmax rule m = max m_i, l = Σ l_i e^{m_i−m}).
+3. values (per-token s, m per group of gv channels): Σ_t p_t (s_tg v_q + m_tg) accumulated as
+   acc[d] += (p_t s_tg) v_q[d] and c_g += p_t m_tg (added once at the end), over a block
+   unpacked once for the rep heads.
+No dense cache is materialized: one block's G×D codes at a time are unpacked into an L1-sized
+float buffer (8 KB at G=32, D=64). Per-token keys (k_axis="token", an ablation) run the reference.
+
+If the extension cannot be built (no ninja, no compiler, or disabled by the env var
+MCOMP_NO_KIVI_KERNEL=1), `available()` is False and the cache uses the reference path; asking
+for the kernel explicitly (`load()`) raises KernelUnavailable with the reason.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from ...errors import KernelUnavailable
+
+log = logging.getLogger("mcomp.kernels")
+
+_NAME = "mcomp_kivi_attention_v6"
+
+_SRC = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <cmath>
+#include <vector>
+#include <limits>
+#include <algorithm>
+#include <cstring>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+using c10::Half;
+
+template <int BITS>
+static inline void unpack_row(const uint8_t* __restrict p, float* __restrict out, int D) {
+  constexpr int PER = 8 / BITS;
+  constexpr int MASK = (1 << BITS) - 1;
+  const int W = D / PER;
+  for (int j = 0; j < PER; ++j) {
+    float* __restrict o = out + j * W;
+    for (int i = 0; i < W; ++i) o[i] = (float)((p[i] >> (j * BITS)) & MASK);
+  }
+}
+template <>
+inline void unpack_row<8>(const uint8_t* __restrict p, float* __restrict out, int D) {
+  for (int i = 0; i < D; ++i) out[i] = (float)p[i];
+}
+
+// fp16 → fp32 for a run of scales/mins (F16C when compiled for it)
+static inline void h2f(const Half* __restrict src, float* __restrict dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = (float)src[i];
+}
+
+// exp(x) for x <= 0 (softmax after max subtraction); 0 below -87 (and for -inf, masked keys).
+// Cody-Waite split x = k ln2 + f, degree-6 polynomial for 2^f: relative error ~2e-7, and a
+// branch-free body the compiler vectorizes (std::exp is a scalar call).
+static inline float exp_neg(float x) {
+  const bool zero = !(x >= -87.f);
+  x = zero ? -87.f : x;
+  const float t = x * 1.4426950408889634f;
+  const float fi = std::floor(t);
+  const float f = t - fi;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const float sc = __builtin_bit_cast(float, ((int32_t)fi + 127) << 23);
+  return zero ? 0.f : p * sc;
+}
+
+static inline float dotf(const float* __restrict a, const float* __restrict b, int D) {
+  float s = 0.f;
+#pragma omp simd reduction(+:s)
+  for (int i = 0; i < D; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Logits of one key block: L[i] = qm + sum_d qs[d] * kb[d*G + i] (codes channel-major).
+// Fast path (G % 16 == 0): 16-token register accumulators, 4 independent partial sums over d so
+// the FMA chains do not serialize through memory.
+static inline void block_logits(const float* __restrict kb, const float* __restrict qs, float qm,
+                                int64_t D, int64_t G, float* __restrict L) {
+  if (G % 16 == 0) {
+    for (int64_t i0 = 0; i0 < G; i0 += 16) {
+      float a0[16], a1[16], a2[16], a3[16];
+      for (int ii = 0; ii < 16; ++ii) { a0[ii] = qm; a1[ii] = 0.f; a2[ii] = 0.f; a3[ii] = 0.f; }
+      int64_t d = 0;
+      for (; d + 4 <= D; d += 4) {
+        const float w0 = qs[d], w1 = qs[d + 1], w2 = qs[d + 2], w3 = qs[d + 3];
+        const float* __restrict x = kb + d * G + i0;
+        for (int ii = 0; ii < 16; ++ii) {
+          a0[ii] += w0 * x[ii]; a1[ii] += w1 * x[G + ii];
+          a2[ii] += w2 * x[2 * G + ii]; a3[ii] += w3 * x[3 * G + ii];
+        }
+      }
+      for (; d < D; ++d) for (int ii = 0; ii < 16; ++ii) a0[ii] += qs[d] * kb[d * G + i0 + ii];
+      for (int ii = 0; ii < 16; ++ii) L[i0 + ii] = (a0[ii] + a1[ii]) + (a2[ii] + a3[ii]);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < G; ++i) L[i] = qm;
+  for (int64_t d = 0; d < D; ++d) {
+    const float w = qs[d];
+    for (int64_t i = 0; i < G; ++i) L[i] += w * kb[d * G + i];
+  }
+}
+
+// Weighted sum of one value block: o[d] += sum_i ps[(d/gv)*G + i] * vb[i*D + d] (token-major
+// codes, weights group-major).
+// Fast path (gv % 16 == 0): 16-channel register accumulators, 4 partial sums over tokens.
+static inline void block_values(const float* __restrict vb, const float* __restrict ps, int64_t G,
+                                int64_t D, int64_t gv, float* __restrict o) {
+  if (gv % 16 == 0) {
+    for (int64_t c0 = 0; c0 < D; c0 += 16) {
+      const int64_t g = c0 / gv;
+      float a0[16], a1[16], a2[16], a3[16];
+      for (int ii = 0; ii < 16; ++ii) { a0[ii] = 0.f; a1[ii] = 0.f; a2[ii] = 0.f; a3[ii] = 0.f; }
+      int64_t i = 0;
+      for (; i + 4 <= G; i += 4) {
+        const float w0 = ps[g * G + i], w1 = ps[g * G + i + 1];
+        const float w2 = ps[g * G + i + 2], w3 = ps[g * G + i + 3];
+        const float* __restrict x = vb + i * D + c0;
+        for (int ii = 0; ii < 16; ++ii) {
+          a0[ii] += w0 * x[ii]; a1[ii] += w1 * x[D + ii];
+          a2[ii] += w2 * x[2 * D + ii]; a3[ii] += w3 * x[3 * D + ii];
+        }
+      }
+      for (; i < G; ++i) for (int ii = 0; ii < 16; ++ii) a0[ii] += ps[g * G + i] * vb[i * D + c0 + ii];
+      for (int ii = 0; ii < 16; ++ii) o[c0 + ii] += (a0[ii] + a1[ii]) + (a2[ii] + a3[ii]);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < G; ++i)
+    for (int64_t d = 0; d < D; ++d) o[d] += ps[(d / gv) * G + i] * vb[i * D + d];
+}
+
+struct Args {
+  const float* q; int64_t B, Hq, H, D, rep;
+  const float* sink_k; const float* sink_v; int64_t Ns;          // (B,H,Ns,D) contiguous
+  const uint8_t* kq; const Half* ks; const Half* km;             // (B,H,capb,G*D*kb/8), (B,H,capb,D)
+  const uint8_t* vq; const Half* vs; const Half* vm;             // (B,H,capb,G*D*vb/8), (B,H,cap,NGv)
+  int64_t cap, capb, nq, G, gv;
+  const float* res_k; const float* res_v; int64_t Nr;            // (B,H,Nr,D)
+  const bool* mask; int64_t S;                                    // (B,S) or null
+  float scale; int64_t nsplit;
+};
+
+template <int KB, int VB>
+static void run_split(const Args& a, int64_t b, int64_t h, int64_t sp,
+                      float* pm, float* pl, float* pacc) {
+  const int64_t D = a.D, rep = a.rep, G = a.G, gv = a.gv, NG = D / gv;
+  const int64_t nblk = a.nq / G;
+  const int64_t blk0 = nblk * sp / a.nsplit, blk1 = nblk * (sp + 1) / a.nsplit;
+  const bool first = sp == 0, last = sp == a.nsplit - 1;
+  const int64_t ns = first ? a.Ns : 0, nr = last ? a.Nr : 0;
+  const int64_t nqt = (blk1 - blk0) * G;
+  const int64_t n = ns + nqt + nr;
+  const int64_t bh = b * a.H + h;
+  const float* q = a.q + (b * a.Hq + h * rep) * D;               // rep rows of D
+  const bool* mrow = a.mask ? a.mask + b * a.S : nullptr;
+  const int64_t col_q0 = a.Ns + blk0 * G, col_r0 = a.Ns + a.nq;
+  const float NEG = -std::numeric_limits<float>::infinity();
+
+  std::vector<float> logit(rep * n), buf(D), qs(D), sf(D), mf(D);
+  // ---- logits
+  auto fp_logits = [&](const float* K, int64_t cnt, int64_t col0, int64_t off) {
+    for (int64_t t = 0; t < cnt; ++t) {
+      const bool ok = !mrow || mrow[col0 + t];
+      for (int64_t r = 0; r < rep; ++r)
+        logit[r * n + off + t] = ok ? a.scale * dotf(q + r * D, K + t * D, D) : NEG;
+    }
+  };
+  if (ns) fp_logits(a.sink_k + bh * a.Ns * D, ns, 0, 0);
+  std::vector<float> blkbuf(G * D);
+  const int64_t Wk = G * D * KB / 8, Wv = G * D * VB / 8;   // bytes per block row
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    const int64_t off0 = ns + (blk - blk0) * G, t0 = blk * G;
+    bool any = !mrow;
+    if (mrow) for (int64_t i = 0; i < G && !any; ++i) any = mrow[a.Ns + t0 + i];
+    if (!any) {  // whole block outside the window / padding: skip its work
+      for (int64_t r = 0; r < rep; ++r) for (int64_t i = 0; i < G; ++i) logit[r * n + off0 + i] = NEG;
+      continue;
+    }
+    h2f(a.ks + (bh * a.capb + blk) * D, sf.data(), D);
+    h2f(a.km + (bh * a.capb + blk) * D, mf.data(), D);
+    // the block's codes, channel-major: kb[d * G + i]
+    unpack_row<KB>(a.kq + (bh * a.capb + blk) * Wk, blkbuf.data(), (int)(G * D));
+    for (int64_t r = 0; r < rep; ++r) {
+      const float* qr = q + r * D;
+      float qm = 0.f;
+      for (int64_t d = 0; d < D; ++d) { qm += qr[d] * mf[d]; qs[d] = a.scale * qr[d] * sf[d]; }
+      block_logits(blkbuf.data(), qs.data(), a.scale * qm, D, G, logit.data() + r * n + off0);
+    }
+    if (mrow)
+      for (int64_t i = 0; i < G; ++i)
+        if (!mrow[a.Ns + t0 + i]) for (int64_t r = 0; r < rep; ++r) logit[r * n + off0 + i] = NEG;
+  }
+  if (nr) fp_logits(a.res_k + bh * a.Nr * D, nr, col_r0, ns + nqt);
+  (void)col_q0;
+  // ---- softmax (unnormalized; the merge normalizes)
+  std::vector<float> mx(rep), sum(rep, 0.f);
+  for (int64_t r = 0; r < rep; ++r) {
+    float m_ = NEG;
+    for (int64_t i = 0; i < n; ++i) m_ = std::max(m_, logit[r * n + i]);
+    mx[r] = m_;
+    float s_ = 0.f;
+    if (m_ == NEG) { for (int64_t i = 0; i < n; ++i) logit[r * n + i] = 0.f; }
+    else {
+      float* __restrict L = logit.data() + r * n;
+#pragma omp simd reduction(+:s_)
+      for (int64_t i = 0; i < n; ++i) { const float e = exp_neg(L[i] - m_); L[i] = e; s_ += e; }
+    }
+    sum[r] = s_;
+  }
+  // ---- values
+  std::vector<float> acc(rep * D, 0.f);
+  auto fp_values = [&](const float* V, int64_t cnt, int64_t off) {
+    for (int64_t t = 0; t < cnt; ++t)
+      for (int64_t r = 0; r < rep; ++r) {
+        const float p = logit[r * n + off + t];
+        if (p == 0.f) continue;
+        float* __restrict o = acc.data() + r * D; const float* v = V + t * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += p * v[d];
+      }
+  };
+  if (ns) fp_values(a.sink_v + bh * a.Ns * D, ns, 0);
+  std::vector<float> vsf(G * NG), vmf(G * NG), vsT(G * NG), vmT(G * NG), psb(G * NG), cacc(rep * NG, 0.f);
+  for (int64_t blk = blk0; blk < blk1; ++blk) {
+    const int64_t t0 = blk * G, off0 = ns + (blk - blk0) * G;
+    bool anyb = false;
+    for (int64_t r = 0; r < rep && !anyb; ++r)
+      for (int64_t i = 0; i < G; ++i) if (logit[r * n + off0 + i] != 0.f) { anyb = true; break; }
+    if (!anyb) continue;
+    h2f(a.vs + (bh * a.cap + t0) * NG, vsf.data(), G * NG);
+    h2f(a.vm + (bh * a.cap + t0) * NG, vmf.data(), G * NG);
+    for (int64_t i = 0; i < G; ++i)        // group-major copies: vsT[g*G + i]
+      for (int64_t g = 0; g < NG; ++g) { vsT[g * G + i] = vsf[i * NG + g]; vmT[g * G + i] = vmf[i * NG + g]; }
+    // the block's codes, token-major: vb[i * D + d]
+    unpack_row<VB>(a.vq + (bh * a.capb + blk) * Wv, blkbuf.data(), (int)(G * D));
+    for (int64_t r = 0; r < rep; ++r) {
+      const float* P = logit.data() + r * n + off0;
+      float* __restrict cr = cacc.data() + r * NG;
+      for (int64_t g = 0; g < NG; ++g) {   // sum_t p_t (s_tg v_q + m_tg): m part once per group
+        const float* __restrict st = vsT.data() + g * G;
+        const float* __restrict mt = vmT.data() + g * G;
+        float* __restrict pg = psb.data() + g * G;
+        float c = 0.f;
+#pragma omp simd reduction(+:c)
+        for (int64_t i = 0; i < G; ++i) { pg[i] = P[i] * st[i]; c += P[i] * mt[i]; }
+        cr[g] += c;
+      }
+      block_values(blkbuf.data(), psb.data(), G, D, gv, acc.data() + r * D);
+    }
+  }
+  for (int64_t r = 0; r < rep; ++r)
+    for (int64_t d = 0; d < D; ++d) acc[r * D + d] += cacc[r * NG + d / gv];
+  if (nr) fp_values(a.res_v + bh * a.Nr * D, nr, ns + nqt);
+  for (int64_t r = 0; r < rep; ++r) {
+    pm[r] = mx[r]; pl[r] = sum[r];
+    for (int64_t d = 0; d < D; ++d) pacc[r * D + d] = acc[r * D + d];
+  }
+}
+
+template <int KB, int VB>
+static void run_all(const Args& a, float* out) {
+  const int64_t tasks = a.B * a.H * a.nsplit, rep = a.rep, D = a.D;
+  std::vector<float> pm(tasks * rep), pl(tasks * rep), pacc(tasks * rep * D);
+  at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t sp = i % a.nsplit, bh = i / a.nsplit;
+      run_split<KB, VB>(a, bh / a.H, bh % a.H, sp, pm.data() + i * rep, pl.data() + i * rep,
+                        pacc.data() + i * rep * D);
+    }
+  });
+  const float NEG = -std::numeric_limits<float>::infinity();
+  for (int64_t bh = 0; bh < a.B * a.H; ++bh)
+    for (int64_t r = 0; r < rep; ++r) {
+      float m = NEG;
+      for (int64_t sp = 0; sp < a.nsplit; ++sp) m = std::max(m, pm[(bh * a.nsplit + sp) * rep + r]);
+      float l = 0.f;
+      float* o = out + (bh * rep + r) * D;   // (B, Hq, D): q head = h*rep + r
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      for (int64_t sp = 0; sp < a.nsplit; ++sp) {
+        const int64_t i = (bh * a.nsplit + sp) * rep + r;
+        if (pm[i] == NEG) continue;
+        const float w = std::exp(pm[i] - m);
+        l += w * pl[i];
+        const float* pa = pacc.data() + i * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * pa[d];
+      }
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+}
+
+torch::Tensor kivi_decode(torch::Tensor q, torch::Tensor sink_k, torch::Tensor sink_v,
+                          torch::Tensor kq, torch::Tensor ks, torch::Tensor km,
+                          torch::Tensor vq, torch::Tensor vs, torch::Tensor vm,
+                          int64_t nq, int64_t G, int64_t gv,
+                          torch::Tensor res_k, torch::Tensor res_v, torch::Tensor mask,
+                          double scale, int64_t kbits, int64_t vbits, int64_t nsplit) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat && q.is_contiguous(), "q: (B,Hq,D) f32");
+  Args a;
+  a.B = q.size(0); a.Hq = q.size(1); a.D = q.size(2);
+  a.H = kq.size(1); a.rep = a.Hq / a.H;
+  a.q = q.data_ptr<float>();
+  a.Ns = sink_k.size(2); a.sink_k = sink_k.data_ptr<float>(); a.sink_v = sink_v.data_ptr<float>();
+  a.kq = kq.data_ptr<uint8_t>(); a.vq = vq.data_ptr<uint8_t>();
+  a.ks = (const Half*)ks.data_ptr<at::Half>(); a.km = (const Half*)km.data_ptr<at::Half>();
+  a.vs = (const Half*)vs.data_ptr<at::Half>(); a.vm = (const Half*)vm.data_ptr<at::Half>();
+  a.cap = vs.size(2); a.capb = kq.size(2); a.nq = nq; a.G = G; a.gv = gv;
+  a.Nr = res_k.size(2); a.res_k = res_k.data_ptr<float>(); a.res_v = res_v.data_ptr<float>();
+  a.S = a.Ns + nq + a.Nr;
+  a.mask = mask.numel() ? mask.data_ptr<bool>() : nullptr;
+  if (a.mask) TORCH_CHECK(mask.size(1) == a.S, "mask width != cache length");
+  a.scale = (float)scale; a.nsplit = std::max<int64_t>(1, nsplit);
+  auto out = torch::empty({a.B, a.Hq, a.D}, q.options());
+  float* o = out.data_ptr<float>();
+#define KIVI_CASE(K, V) if (kbits == K && vbits == V) { run_all<K, V>(a, o); return out; }
+  KIVI_CASE(2, 2) KIVI_CASE(2, 4) KIVI_CASE(2, 8) KIVI_CASE(4, 2) KIVI_CASE(4, 4) KIVI_CASE(4, 8)
+  KIVI_CASE(8, 2) KIVI_CASE(8, 4) KIVI_CASE(8, 8)
+#undef KIVI_CASE
+  TORCH_CHECK(false, "unsupported bit widths");
+  return out;
+}
+"""
+
+_module = None
+_error: str | None = None
+
+
+def load():
+    """The compiled extension (built once per source version, cached); KernelUnavailable with
+    the reason when it cannot be built."""
+    global _module, _error
+    if _module is not None:
+        return _module
+    if os.environ.get("MCOMP_NO_KIVI_KERNEL"):
+        raise KernelUnavailable("KIVI attention kernel disabled by MCOMP_NO_KIVI_KERNEL")
+    if _error is not None:
+        raise KernelUnavailable(_error)
+    try:
+        from torch.utils import cpp_extension
+        if not cpp_extension.is_ninja_available():
+            raise RuntimeError("ninja is not installed (pip install ninja)")
+        _module = cpp_extension.load_inline(
+            name=_NAME, cpp_sources=[_SRC], functions=["kivi_decode"],
+            extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
+            extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # compiler, ninja, headers: report and fall back
+        _error = f"KIVI attention kernel unavailable: {type(e).__name__}: {str(e)[:300]}"
+        log.warning("%s; using the reference attention", _error)
+        raise KernelUnavailable(_error) from None
+    return _module
+
+
+def available() -> bool:
+    try:
+        load()
+        return True
+    except KernelUnavailable:
+        return False
+
+
+def use_kernel(cache) -> bool:
+    """Whether this cache's decode step runs the fast kernel."""
+    from .. import kernels
+    if kernels._FORCE_REFERENCE or not cache.k_channel:
+        return False
+    return available()
+
+
+def _nsplit(B: int, H: int, nblk: int) -> int:
+    """Sequence splits so that every thread has work even with few KV heads (flash-decoding)."""
+    threads = torch.get_num_threads()
+    want = -(-4 * threads // (B * H))
+    return max(1, min(want, nblk // 4 if nblk >= 4 else 1))
+
+
+def decode(cache, q: torch.Tensor, scale: float, mask) -> torch.Tensor:
+    """q (B, Hq, 1, D) over the cache's stored state → (B, Hq, 1, D)."""
+    mod = load()
+    B, Hq, _, D = q.shape
+    H = cache.H
+    f32 = torch.float32
+    empty = torch.empty(B, H, 0, D, dtype=f32)
+
+    def fp(t):
+        return empty if t is None else t.to(f32).contiguous()
+
+    if cache.kq is None:  # nothing quantized yet: pass 1-sized dummies
+        kq = torch.zeros(B, H, 1, cache.G * D * cache.kv.k_bits // 8, dtype=torch.uint8)
+        vq = torch.zeros(B, H, 1, cache.G * D * cache.kv.v_bits // 8, dtype=torch.uint8)
+        ks = km = torch.zeros(B, H, 1, D, dtype=torch.float16)
+        vs = vm = torch.zeros(B, H, 1, D // cache.gv, dtype=torch.float16)
+    else:
+        kq, ks, km, vq, vs, vm = cache.kq, cache.ks, cache.km, cache.vq, cache.vs, cache.vm
+    m = torch.empty(0, dtype=torch.bool) if mask is None else \
+        mask.reshape(mask.shape[0], -1).expand(B, -1).contiguous()          # (B, S)
+    out = mod.kivi_decode(q.reshape(B, Hq, D).float().contiguous(), fp(cache.sink_k),
+                          fp(cache.sink_v), kq, ks, km, vq, vs, vm, cache.n_q, cache.G,
+                          cache.gv, fp(cache.res_k), fp(cache.res_v), m, float(scale),
+                          cache.kv.k_bits, cache.kv.v_bits,
+                          _nsplit(B, H, cache.n_q // cache.G))
+    return out.view(B, Hq, 1, D).to(q.dtype)

@@ -1,0 +1,340 @@
+"""KIVI quantized KV cache: keys per channel, values per token, an fp window of recent tokens.
+
+Token order in the cache (= column order of AttentionState's masks, i.e. append order):
+
+    [ sink (fp, first `sink` tokens) | quantized store (n_q tokens) | residual (fp) ]
+
+Streaming (KIVI): new tokens enter the fp residual; whenever it holds ≥ residual + G tokens
+(G = group_size), its oldest G-token blocks are quantized into the store, so between `residual`
+and `residual + G − 1` recent tokens stay in full precision. Closed form used by the
+quantize-before-attend path: the key in column j (j ≥ sink, block b = (j − sink) // G) is
+quantized at the step of the query in column c iff (b + 1)·G + residual ≤ c + 1 − sink.
+
+Quantization (asymmetric, min/scale form): x ≈ s·q + m with s = (max − min)/(2^bits − 1),
+m = min, both stored as float16 and rounded *before* codes are computed, q = round((x − m)/s).
+(The zero-point form s·(q − z) is the same grid with m = −s·z.)
+- K, k_axis="channel": s, m per (batch, kv head, block of G tokens, channel): (B, H, n_q/G, D).
+- K, k_axis="token" (ablation) and V: s, m per (batch, kv head, token, group of
+  gv = min(G, head_dim) channels): (B, H, n_q, D/gv).
+
+Code layout ("planar" packing of whole blocks, chosen for the kernel): the store grows one
+block of G tokens at a time, and each block's G·D codes form one row of n = G·D codes packed
+into W = n·b/8 bytes; byte i holds codes i, i+W, i+2W, ... in bit fields [0,b), [b,2b), ...
+Unpacking a block is then one long loop of `(p[i] >> j·b) & mask` over contiguous bytes, which
+compilers vectorize at full width; 8-bit codes are stored as is.
+kq, vq: (B, H, n_q/G, G·D·b/8) uint8. Code order inside a block row:
+- K, channel axis: channel-major, code[d·G + t], so the kernel computes the block's G logits as
+  qm + Σ_d (scale·q_d·s_d)·codes[d, :] with vectors over tokens (no horizontal sums).
+- K, token axis (ablation), and V: token-major, code[t·D + d] (a weighted sum over tokens).
+
+Byte accounting: `bytes_per_token(layer)` is the amortized cost of one token in the quantized
+store (codes + its share of the fp16 scales/mins, all KV heads, K and V); the fp sink and
+residual are a bounded overhead (≤ sink + residual + G − 1 tokens at `dtype`) it does not
+include. `nbytes()` is exact for the current state: the bytes of every tensor the cache holds,
+counted over their used extent (the store grows by doubling; `capacity_nbytes()` counts that).
+"""
+from __future__ import annotations
+
+import logging
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+
+from ...compiler.spec import LayerSpec
+from ..kvcache import KV_REPRESENTATIONS, KVCache, _DTYPES
+
+log = logging.getLogger("mcomp.runtime")
+
+SCALE_DTYPE = torch.float16
+_MIN_SCALE = 1e-5   # representable in fp16; keeps codes finite for constant groups
+
+
+# ----------------------------------------------------------------------------- packing
+
+def pack_planar(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., D) uint8 codes < 2^bits → (..., D·bits/8) uint8, planar layout (module docstring)."""
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    per = 8 // bits
+    D = codes.shape[-1]
+    if D % per:
+        raise ValueError(f"cannot planar-pack {D} codes of {bits} bits")
+    c = codes.to(torch.uint8).view(*codes.shape[:-1], per, D // per)        # (..., per, W)
+    out = c[..., 0, :].clone()
+    for j in range(1, per):
+        out |= c[..., j, :] << (j * bits)
+    return out                                                                # (..., W)
+
+
+def unpack_planar(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack_planar: (..., W) uint8 → (..., W·8/bits) uint8 codes."""
+    if bits == 8:
+        return packed
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.uint8) * bits                     # (per,)
+    q = (packed[..., None, :] >> shifts[:, None]) & (2 ** bits - 1)          # (..., per, W)
+    return q.flatten(-2)
+
+
+def quantize_minmax(x: torch.Tensor, dim: int, bits: int):
+    """Asymmetric quantization of x reducing over `dim` → codes uint8 (like x), scale and min
+    (fp16, size 1 along `dim`)."""
+    x = x.float()
+    mn, mx = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    qmax = 2 ** bits - 1
+    s16 = ((mx - mn) / qmax).clamp(min=_MIN_SCALE).to(SCALE_DTYPE)
+    m16 = mn.to(SCALE_DTYPE)
+    q = ((x - m16.float()) / s16.float()).round_().clamp_(0, qmax).to(torch.uint8)
+    return q, s16, m16
+
+
+def _token_groups(x: torch.Tensor, gv: int) -> torch.Tensor:
+    """(B, H, T, D) → (B, H, T, D/gv, gv)."""
+    B, H, T, D = x.shape
+    return x.reshape(B, H, T, D // gv, gv)
+
+
+def quantized_at(key_cols: torch.Tensor, query_cols: torch.Tensor, group: int, residual: int,
+                 sink: int) -> torch.Tensor:
+    """(T, S) bool: whether the key in column j is quantized when the query in column c attends
+    (streaming semantics, module docstring)."""
+    j = key_cols[None, :]                                                     # (1, S)
+    c = query_cols[:, None]                                                   # (T, 1)
+    blk = torch.div(j - sink, group, rounding_mode="floor")
+    return (j >= sink) & ((blk + 1) * group + residual <= c + 1 - sink)
+
+
+# ----------------------------------------------------------------------------- cache
+
+@KV_REPRESENTATIONS.register("kivi")
+class KIVICache(KVCache):
+    """KIVI streaming cache for one layer (see module docstring for layout and accounting)."""
+
+    def __init__(self, layer: LayerSpec, batch: int):
+        super().__init__(layer, batch)
+        kv = layer.kv
+        self.kv = kv
+        self.G, self.R, self.n_sink = kv.group_size, kv.residual, kv.sink
+        self.H, self.D = layer.n_kv_heads, layer.head_dim
+        self.gv = min(kv.group_size, layer.head_dim)
+        self.k_channel = kv.k_axis == "channel"
+        self.fp_dtype = _DTYPES[kv.dtype]
+        self.sink_k = self.sink_v = None     # (B, H, ns, D)
+        self.res_k = self.res_v = None       # (B, H, nr, D)
+        self.n_q = 0                         # tokens in the quantized store (multiple of G)
+        self.kq = self.vq = None             # (B, H, cap/G, G·D·bits/8) uint8
+        self.ks = self.km = None             # channel: (B, H, cap/G, D); token: (B, H, cap, D/gv)
+        self.vs = self.vm = None             # (B, H, cap, D/gv) fp16
+        self.last_path = None                # "kernel" | "reference" | "prefill": for tests
+
+    # ------------------------------------------------------------------ accounting
+
+    @staticmethod
+    def bytes_per_token(layer: LayerSpec):
+        """Amortized bytes per token of the quantized store (K and V codes, fp16 scales and
+        mins, all KV heads). An int when exact, else a float (G not dividing the scale count)."""
+        kv, H, D = layer.kv, layer.n_kv_heads, layer.head_dim
+        G, gv, sb = kv.group_size, min(kv.group_size, D), SCALE_DTYPE.itemsize
+        k_meta = Fraction(2 * sb * D, G) if kv.k_axis == "channel" else Fraction(2 * sb * (D // gv))
+        per_head = Fraction(D * kv.k_bits, 8) + k_meta + Fraction(D * kv.v_bits, 8) + 2 * sb * (D // gv)
+        total = H * per_head
+        return int(total) if total.denominator == 1 else float(total)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the cache holds, over its used extent."""
+        out = {}
+        nb = self.n_q // self.G if self.k_channel else self.n_q
+        for name, t, n in (("sink_k", self.sink_k, None), ("sink_v", self.sink_v, None),
+                           ("res_k", self.res_k, None), ("res_v", self.res_v, None),
+                           ("kq", self.kq, self.n_q // self.G), ("vq", self.vq, self.n_q // self.G),
+                           ("k_scale", self.ks, nb), ("k_min", self.km, nb),
+                           ("v_scale", self.vs, self.n_q), ("v_min", self.vm, self.n_q)):
+            if t is not None:
+                out[name] = t if n is None else t[:, :, :n]
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def capacity_nbytes(self) -> int:
+        ts = (self.sink_k, self.sink_v, self.res_k, self.res_v, self.kq, self.vq, self.ks,
+              self.km, self.vs, self.vm)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    @property
+    def n_res(self) -> int:
+        return 0 if self.res_k is None else self.res_k.shape[2]
+
+    @property
+    def n_sink_held(self) -> int:
+        return 0 if self.sink_k is None else self.sink_k.shape[2]
+
+    # ------------------------------------------------------------------ append
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: (B, H, T, D). Fill the sink, then the residual; flush full blocks."""
+        T = k.shape[2]
+        self.length += T
+        k, v = k.to(self.fp_dtype), v.to(self.fp_dtype)
+        take = min(self.n_sink - self.n_sink_held, T)
+        if take > 0:
+            sk, sv = k[:, :, :take], v[:, :, :take]
+            self.sink_k = sk if self.sink_k is None else torch.cat([self.sink_k, sk], 2)
+            self.sink_v = sv if self.sink_v is None else torch.cat([self.sink_v, sv], 2)
+            k, v = k[:, :, take:], v[:, :, take:]
+        if k.shape[2] == 0:
+            return
+        self.res_k = k if self.res_k is None else torch.cat([self.res_k, k], 2)
+        self.res_v = v if self.res_v is None else torch.cat([self.res_v, v], 2)
+        nblk = max(0, (self.n_res - self.R) // self.G)
+        if nblk:
+            n = nblk * self.G
+            self._store(self.res_k[:, :, :n], self.res_v[:, :, :n])
+            self.res_k = self.res_k[:, :, n:].clone()
+            self.res_v = self.res_v[:, :, n:].clone()
+
+    def _reserve(self, need: int, like: torch.Tensor) -> None:
+        cap = 0 if self.kq is None else self.kq.shape[2]
+        if need <= cap:
+            return
+        G = self.G
+        new_cap = max(need, 2 * cap, 4 * G)
+        new_cap = -(-new_cap // G) * G
+        B, H, D = like.shape[0], self.H, self.D
+        ngv = D // self.gv
+        kb, vb = self.kv.k_bits, self.kv.v_bits
+
+        def grow(old, shape, dtype, used):
+            t = torch.empty(shape, dtype=dtype)
+            if old is not None and used:
+                t[:, :, :used] = old[:, :, :used]
+            return t
+
+        nb_used = self.n_q // G if self.k_channel else self.n_q
+        kshape = (B, H, new_cap // G, D) if self.k_channel else (B, H, new_cap, ngv)
+        self.kq = grow(self.kq, (B, H, new_cap // G, G * D * kb // 8), torch.uint8, self.n_q // G)
+        self.vq = grow(self.vq, (B, H, new_cap // G, G * D * vb // 8), torch.uint8, self.n_q // G)
+        self.ks = grow(self.ks, kshape, SCALE_DTYPE, nb_used)
+        self.km = grow(self.km, kshape, SCALE_DTYPE, nb_used)
+        self.vs = grow(self.vs, (B, H, new_cap, ngv), SCALE_DTYPE, self.n_q)
+        self.vm = grow(self.vm, (B, H, new_cap, ngv), SCALE_DTYPE, self.n_q)
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize n (a multiple of G) tokens k, v (B, H, n, D) into the store."""
+        B, H, n, D = k.shape
+        G, kb, vb = self.G, self.kv.k_bits, self.kv.v_bits
+        self._reserve(self.n_q + n, k)
+        a = self.n_q
+        if self.k_channel:
+            qk, sk, mk = quantize_minmax(k.reshape(B, H, n // G, G, D), 3, kb)  # s: (B,H,n/G,1,D)
+            sk, mk = sk.squeeze(3), mk.squeeze(3)                               # (B, H, n/G, D)
+            self.ks[:, :, a // G:(a + n) // G] = sk
+            self.km[:, :, a // G:(a + n) // G] = mk
+            # (B, H, n/G, G, D) → channel-major block rows (B, H, n/G, D·G) → packed
+            self.kq[:, :, a // G:(a + n) // G] = pack_planar(qk.transpose(3, 4).reshape(B, H, n // G, D * G), kb)
+        else:
+            qk, sk, mk = quantize_minmax(_token_groups(k, self.gv), 4, kb)       # (B,H,n,ng,1)
+            self.ks[:, :, a:a + n] = sk.squeeze(-1)
+            self.km[:, :, a:a + n] = mk.squeeze(-1)
+            self.kq[:, :, a // G:(a + n) // G] = pack_planar(qk.reshape(B, H, n // G, G * D), kb)
+        qv, sv, mv = quantize_minmax(_token_groups(v, self.gv), 4, vb)
+        self.vs[:, :, a:a + n] = sv.squeeze(-1)
+        self.vm[:, :, a:a + n] = mv.squeeze(-1)
+        self.vq[:, :, a // G:(a + n) // G] = pack_planar(qv.reshape(B, H, n // G, G * D), vb)
+        self.n_q += n
+
+    # ------------------------------------------------------------------ dequantize
+
+    def dequantize_store(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quantized store as fp32 (B, H, n_q, D) K and V (reference path only)."""
+        B, H, D, G, n = self.batch, self.H, self.D, self.G, self.n_q
+        if n == 0:
+            e = torch.empty(B, H, 0, D)
+            return e, e
+        t = self.tensors()
+        qk = unpack_planar(t["kq"], self.kv.k_bits).float()                   # (B, H, n/G, G·D)
+        if self.k_channel:                                  # (B, H, n/G, D, G) → (B, H, n/G, G, D)
+            qk = qk.view(B, H, n // G, D, G)
+            k = (qk.transpose(3, 4) * t["k_scale"].float()[:, :, :, None]
+                 + t["k_min"].float()[:, :, :, None]).reshape(B, H, n, D)
+        else:                                               # (B, H, n, D)
+            qk = qk.view(B, H, n, D)
+            k = (_token_groups(qk, self.gv) * t["k_scale"].float()[..., None]
+                 + t["k_min"].float()[..., None]).view(B, H, n, D)
+        qv = unpack_planar(t["vq"], self.kv.v_bits).float().view(B, H, n, D)
+        v = (_token_groups(qv, self.gv) * t["v_scale"].float()[..., None]
+             + t["v_min"].float()[..., None]).view(B, H, n, D)
+        return k, v
+
+    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything held, in column order, as fp32 (B, H, S, D): [sink | dequantized | residual]."""
+        kd, vd = self.dequantize_store()
+        ks = [t.float() for t in (self.sink_k, kd, self.res_k) if t is not None]
+        vs = [t.float() for t in (self.sink_v, vd, self.res_v) if t is not None]
+        return torch.cat(ks, 2), torch.cat(vs, 2)
+
+    # ------------------------------------------------------------------ attend
+
+    def attend(self, q, k, v, scale, mask):
+        """Append, then attend. Decode steps (T == 1) attend over the stored state: the fast
+        kernel when available, else the reference. Multi-token chunks attend to their own
+        tokens in full precision ("prefill attends in full precision, then stores quantized"),
+        unless `quantize_before_attend` is set: then each query sees exactly the state
+        token-by-token decode would have had at its step."""
+        L = self.length
+        self.append(k, v)
+        B, Hq, T, D = q.shape
+        if T == 1:
+            from ..kernels import kivi_attention as ka
+            if ka.use_kernel(self):
+                self.last_path = "kernel"
+                return ka.decode(self, q, scale, mask)
+            self.last_path = "reference"
+            return reference_decode(self, q, scale, mask)
+        self.last_path = "prefill"
+        return self._attend_chunk(q, k, v, scale, mask, L)
+
+    def _attend_chunk(self, q, k, v, scale, mask, L):
+        B, Hq, T, D = q.shape
+        S = self.length
+        KA, VA = self.full_kv()                                  # stored state, (B, H, S, D)
+        KB, VB = KA.clone(), VA.clone()                          # the chunk's own tokens in fp
+        KB[:, :, L:L + T] = k.float()
+        VB[:, :, L:L + T] = v.float()
+        if mask is None:  # empty cache, plain causal over the chunk
+            mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]   # (1, 1, T, S)
+        if self.quantize_before_attend:
+            sel = quantized_at(torch.arange(S), torch.arange(L, L + T), self.G, self.R,
+                               self.n_sink)                      # (T, S)
+        else:
+            sel = None
+        if sel is None or not bool(sel.any()):
+            return F.scaled_dot_product_attention(q.float(), KB, VB, attn_mask=mask, scale=scale,
+                                                  enable_gqa=Hq != self.H).to(q.dtype)
+        return mixed_attention(q, KA, VA, KB, VB, sel, mask, scale).to(q.dtype)
+
+
+def mixed_attention(q, KA, VA, KB, VB, sel, mask, scale):
+    """Attention where query t sees key j as (KA, VA)[j] if sel[t, j] else (KB, VB)[j], in one
+    softmax. q (B, Hq, T, D); K*/V* (B, H, S, D); sel (T, S); mask (B|1, 1, T, S) bool."""
+    B, Hq, T, D = q.shape
+    H = KA.shape[1]
+    rep = Hq // H
+    qg = q.float().view(B, H, rep, T, D)                                        # (B, H, r, T, D)
+    la = torch.einsum("bhrtd,bhsd->bhrts", qg, KA) * scale                      # (B, H, r, T, S)
+    lb = torch.einsum("bhrtd,bhsd->bhrts", qg, KB) * scale
+    logits = torch.where(sel, la, lb).masked_fill(~mask[:, :, None], float("-inf"))
+    p = torch.softmax(logits, dim=-1)
+    pa = p * sel
+    out = (torch.einsum("bhrts,bhsd->bhrtd", pa, VA)
+           + torch.einsum("bhrts,bhsd->bhrtd", p - pa, VB))
+    return out.reshape(B, Hq, T, D)
+
+
+def reference_decode(cache: KIVICache, q: torch.Tensor, scale: float, mask) -> torch.Tensor:
+    """Reference attention over the stored state: dequantize everything, then SDPA."""
+    K, V = cache.full_kv()                                                      # (B, H, S, D)
+    return F.scaled_dot_product_attention(
+        q.float(), K, V, attn_mask=mask, is_causal=False, scale=scale,
+        enable_gqa=q.shape[1] != K.shape[1]).to(q.dtype)
