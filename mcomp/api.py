@@ -19,7 +19,7 @@ from .compiler import ir
 from .compiler.context import CompileContext
 from .compiler.frontend import DEFAULT_MODEL, import_model
 from .compiler.manager import PassManager, Report
-from .compiler.recipe import Recipe, parse_weights_flag
+from .compiler.recipe import Recipe, parse_kv_flag, parse_prune_flag, parse_weights_flag
 
 from .runtime.kvcache import KV_REPRESENTATIONS
 from .runtime.session import Session
@@ -54,8 +54,10 @@ def load(target: str | os.PathLike = DEFAULT_MODEL) -> Session:
     return Session.from_model(target)
 
 
-def resolve_recipe(recipe: Recipe | str | os.PathLike | None = None, weights: str | None = None) -> Recipe:
-    """A Recipe object, a preset name, or a TOML path (default preset: int4); then shorthands."""
+def resolve_recipe(recipe: Recipe | str | os.PathLike | None = None, weights: str | None = None,
+                   prune: str | None = None, kv: str | None = None) -> Recipe:
+    """A Recipe object, a preset name, or a TOML path (default preset: int4); then shorthands
+    (`weights="rtn:4:g128"`, `prune="flap:0.2"` / `"layers:4"`), each replacing its stage."""
     if isinstance(recipe, Recipe):
         r = recipe
     elif recipe is None:
@@ -66,15 +68,20 @@ def resolve_recipe(recipe: Recipe | str | os.PathLike | None = None, weights: st
         r = Recipe.preset(str(recipe))
     if weights:
         r = r.replace_stage(parse_weights_flag(weights))
+    if prune:
+        r = r.replace_stage(parse_prune_flag(prune))
+    if kv:  # `kivi2` / `kivi4`: replaces the kv stage (assign_kv)
+        r = r.replace_stage(parse_kv_flag(kv))
     return r
 
 
 def optimize(model: str | os.PathLike = DEFAULT_MODEL, recipe: Recipe | str | os.PathLike | None = None,
-             *, weights: str | None = None, calib: str | os.PathLike | None = None,
+             *, weights: str | None = None, prune: str | None = None, kv: str | None = None,
+             calib: str | os.PathLike | None = None,
              out: str | os.PathLike | None = None,
              on_pass: Callable[[int, int, str], None] | None = None) -> CompileResult:
     """Import `model`, run the recipe's passes (verified after each), optionally write an artifact."""
-    r = resolve_recipe(recipe, weights)
+    r = resolve_recipe(recipe, weights, prune, kv)
     calib_text = data.read_text(calib) if calib is not None else data.calibration_text()
     imported = import_model(model)
     gm = ir.build(imported.spec, imported.state_dict)

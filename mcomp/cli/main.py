@@ -95,16 +95,22 @@ TARGET_HELP = "An artifact directory, or anything MODEL accepts."
               help="Recipe TOML file (see docs/recipes.md).")
 @click.option("--weights", help="Weight quantization shorthand METHOD:BITS[:gGROUP], e.g. rtn:4:g128, "
               "rtn:8 (per-channel), rtn:4:pc. Replaces the recipe's weight pass.")
+@click.option("--prune", help="Structured pruning shorthand METHOD:RATIO (share of non-embedding "
+              "parameters removed), e.g. flap:0.2, wanda-sp:0.3, magnitude:0.2; or layers:N to remove "
+              "N whole blocks. Replaces the recipe's prune stage.")
+@click.option("--kv", "kv", help="KV-cache shorthand: kivi2 (K/V 2-bit, group 32, 128 fp residual "
+              "tokens), kivi4, kivi8, options :gN :rN :sN (sink) :kt (per-token keys), or dense. "
+              "Replaces the recipe's kv stage (assign_kv).")
 @click.option("--calib", type=click.Path(dir_okay=False), help="Calibration text file (default: embedded Austen sample).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Artifact directory to write "
               "(default: out/<model>-<recipe>).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def optimize(model, preset, recipe_file, weights, calib, out_dir, as_json):
+def optimize(model, preset, recipe_file, weights, prune, kv, calib, out_dir, as_json):
     """Import MODEL, run a verified pass pipeline, write an artifact and print its report."""
     from .. import api
     if preset and recipe_file:
         raise click.UsageError("give --preset or --recipe, not both")
-    recipe = api.resolve_recipe(recipe_file or preset, weights)
+    recipe = api.resolve_recipe(recipe_file or preset, weights, prune, kv)
     if out_dir is None:
         stem = model if model in BUILTIN_MODELS else __import__("pathlib").Path(model).stem
         out_dir = f"out/{stem}-{recipe.name.replace('+', '-')}"
@@ -161,17 +167,44 @@ def run(target, prompt, max_new_tokens, temperature, top_p, seed):
 @click.option("--data", "data_file", type=click.Path(dir_okay=False),
               help="Evaluation text (default: embedded Austen sample, Persuasion).")
 @click.option("--ctx", default=512, show_default=True, type=click.IntRange(2), help="Window length (BOS included).")
-@click.option("--max-tokens", default=16384, show_default=True, type=click.IntRange(1),
-              help="Text tokens to consume at most.")
+@click.option("--max-tokens", default=None, type=click.IntRange(1),
+              help="Text tokens to consume at most [default: 16384; 1024 with --streaming/--quantized-prefill].")
 @click.option("--base", help="Base model/artifact: also report KL divergence and top-1 agreement against it.")
+@click.option("--kv", "kv", help="Apply a KV-cache scheme to TARGET first (kivi2, kivi4, kivi8, "
+              "options :gN :rN :sN :kt, or dense); evaluate it with --streaming.")
+@click.option("--streaming", is_flag=True, help="Token-by-token decode through the real KV cache "
+              "(slow; default 1024 tokens). Reports KL/top-1 against the same model without a cache.")
+@click.option("--quantized-prefill", is_flag=True, help="One forward per window in quantize-before-"
+              "attend mode (every query sees the cache state streaming would have had; fast).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_(target, data_file, ctx, max_tokens, base, as_json):
-    """Perplexity of TARGET (non-overlapping windows, BOS first); with --base, KL and top-1 too."""
+def eval_(target, data_file, ctx, max_tokens, base, kv, streaming, quantized_prefill, as_json):
+    """Perplexity of TARGET (non-overlapping windows, BOS first); with --base, KL and top-1 too.
+
+    Plain evaluation attends without a KV cache, so it cannot see KV compression: use
+    --streaming (or --quantized-prefill) for that."""
     from .. import api, data
+    if streaming and quantized_prefill:
+        raise click.UsageError("give --streaming or --quantized-prefill, not both")
+    kv_mode = "stream" if streaming else "prefill" if quantized_prefill else None
+    if kv_mode and base:
+        raise click.UsageError("--base is for plain evaluation; KV evaluation reports KL against "
+                               "TARGET without a cache")
+    if max_tokens is None:
+        max_tokens = 1024 if kv_mode else 16384
     text = data.read_text(data_file) if data_file else data.evaluation_text()
     session = api.load(target)
+    if kv:
+        from ..passes.assign_kv import apply_kv, kv_shorthand
+        apply_kv(session.gm, kv_shorthand(kv))
+        session.spec = session.gm.meta["mcomp.spec"]
+        if not kv_mode:
+            err.print("[yellow]note:[/yellow] --kv without --streaming/--quantized-prefill: plain "
+                      "evaluation attends without a cache and does not see the KV scheme")
     with _progress("eval", enabled=not as_json) as update:
-        if base:
+        if kv_mode:
+            res = session.streaming_perplexity(text, ctx=ctx, max_tokens=max_tokens, mode=kv_mode,
+                                               progress=update)
+        elif base:
             res = session.compare(api.load(base), text, ctx=ctx, max_tokens=max_tokens, progress=update)
         else:
             res = session.perplexity(text, ctx=ctx, max_tokens=max_tokens, progress=update).to_dict()
@@ -180,7 +213,11 @@ def eval_(target, data_file, ctx, max_tokens, base, as_json):
         out.print_json(json.dumps(res, default=str))
         return
     line = f"ppl {res['ppl']:.4f} over {res['tokens_scored']} tokens (ctx {ctx})"
-    if base:
+    if kv_mode:
+        line += (f", {kv_mode} mode, KV {', '.join(res['kv'])} ({res['kv_bytes_per_token']} B/token); "
+                 f"no-cache ppl {res['base_ppl']:.4f}; KL {res['kld']:.5f}; "
+                 f"top-1 agreement {100 * res['top1_agreement']:.2f}%")
+    elif base:
         line += (f"; base ppl {res['base_ppl']:.4f}; KL {res['kld']:.5f}; "
                  f"top-1 agreement {100 * res['top1_agreement']:.2f}%")
     out.print(line)
@@ -239,6 +276,30 @@ def bench_runtime(model, threads, decode_steps, out_file, as_json):
     else:
         out.print(rb.to_markdown(results, cfg))
         out.print(f"written to {out_file}")
+
+
+@bench.command("attention")
+@click.option("--ctx", "ctxs", multiple=True, type=click.IntRange(1), default=(4096, 16384, 32768),
+              show_default=True, help="Context length(s); repeat the option for several.")
+@click.option("--kv", "kv", default="kivi2", show_default=True, help="KV scheme (kivi2, kivi4, ...).")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--repeats", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--out", "out_file", default="docs/benchmarks.md", show_default=True,
+              type=click.Path(dir_okay=False), help="Markdown file whose kv section is replaced.")
+@click.option("--no-write", is_flag=True, help="Do not write the markdown section.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_attention(ctxs, kv, threads, repeats, out_file, no_write, as_json):
+    """One decode attention step over a KIVI cache (fast kernel) vs SDPA over dense fp32 / bf16
+    caches, SmolLM2 shapes (9 q heads, 3 KV heads, head_dim 64), same threads."""
+    from ..bench import kv_attention as kb
+    results = kb.run(list(ctxs), kv=kv, threads=threads, repeats=repeats)
+    if not no_write:
+        from ..bench import write_section
+        write_section(out_file, "kv", kb.to_markdown(results))
+    if as_json:
+        out.print_json(json.dumps(results))
+    else:
+        out.print(kb.to_markdown(results))
 
 
 def main():

@@ -33,8 +33,9 @@ from .passes import PASSES, STAGES, Pass
 def _load_pass_modules() -> None:
     """Import every module that registers passes (registries fill on import)."""
     from .. import passes as _p  # noqa: F401
-    from ..passes import fuse_gate_up, fuse_qkv  # noqa: F401
-    from ..quant import rtn  # noqa: F401
+    from ..passes import assign_kv, fuse_gate_up, fuse_qkv  # noqa: F401
+    from ..quant import awq, gptq, hqq, rtn  # noqa: F401
+    from ..prune import layers, structured  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -135,3 +136,33 @@ def parse_weights_flag(text: str) -> Pass:
     elif opts["bits"] == 8:
         opts["group_size"] = 0  # int8 defaults to per-channel: that is what the fast kernel runs
     return cls.from_dict(opts)
+
+
+def parse_prune_flag(text: str) -> Pass:
+    """`METHOD:RATIO` (flap:0.2, wanda-sp:0.3, magnitude:0.2) → prune_structured;
+    `layers:N` → prune_layers removing N blocks."""
+    _load_pass_modules()
+    from ..prune.importance import IMPORTANCE
+    parts = text.strip().split(":")
+    if len(parts) != 2 or not parts[0] or not parts[1]:
+        raise ConfigError(f"--prune '{text}': expected METHOD:RATIO (e.g. flap:0.2) or layers:N; "
+                          f"methods: {', '.join(IMPORTANCE.names())}")
+    method, value = parts[0].strip().lower(), parts[1].strip()
+    if method == "layers":
+        if not value.isdigit():
+            raise ConfigError(f"--prune '{text}': layers:N needs a whole number of blocks")
+        return PASSES.get("prune_layers").from_dict({"n_layers": int(value)})
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise ConfigError(f"--prune '{text}': RATIO must be a number in (0, 1), e.g. 0.2") from None
+    IMPORTANCE.get(method)
+    return PASSES.get("prune_structured").from_dict({"method": method, "ratio": ratio})
+
+
+def parse_kv_flag(text: str) -> Pass:
+    """`kivi2` (K/V 2-bit, group 32, residual 128), `kivi4`, `kivi8`, with optional `:gN :rN
+    :sN :kt` (group, residual, sink, per-token keys), or `dense` → the assign_kv pass."""
+    _load_pass_modules()
+    from ..passes.assign_kv import AssignKV, kv_shorthand
+    return AssignKV(kv_shorthand(text))
