@@ -85,9 +85,26 @@ def annotate(gm: fx.GraphModule) -> None:
 def trace(model: CausalLM) -> fx.GraphModule:
     graph = Tracer().trace(model)
     gm = fx.GraphModule(model, graph, class_name="MCompModel")
+    _keep_non_persistent(model, gm)
     gm.meta["mcomp.spec"] = model.spec
     annotate(gm)
     return gm
+
+
+def _keep_non_persistent(model: nn.Module, gm: fx.GraphModule) -> None:
+    """fx copies buffers reached through get_attr (e.g. gemma's `embed_scale`) as persistent
+    buffers; derived buffers must stay out of the state dict, the artifact and its checks."""
+    for name, _ in model.named_buffers():
+        path, _, attr = name.rpartition(".")
+        owner = model.get_submodule(path) if path else model
+        if attr not in owner._non_persistent_buffers_set:
+            continue
+        try:
+            copy = gm.get_submodule(path) if path else gm
+        except AttributeError:
+            continue
+        if attr in copy._buffers:
+            copy._non_persistent_buffers_set.add(attr)
 
 
 def build(spec: ModelSpec, state_dict: dict[str, torch.Tensor] | None = None) -> fx.GraphModule:
