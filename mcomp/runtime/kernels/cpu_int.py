@@ -191,13 +191,17 @@ def _int4_build(m) -> _Prepared:
     return _Prepared("int4", K, Kp, N, Np, (packed, sz, go))
 
 
+def _bf16_padded(x: torch.Tensor, p: _Prepared) -> torch.Tensor:
+    """x (..., K) → (M, Kp) bf16, zero-padded to the op's K: the shared prologue of both ops."""
+    xb = x.reshape(-1, p.K).to(torch.bfloat16)                               # (M, K)
+    return F.pad(xb, (0, p.Kp - p.K)) if p.Kp != p.K else xb
+
+
 def int4_tinygemm_bf16(m, x: torch.Tensor) -> torch.Tensor:
     p = _prepared(m, "int4", _int4_build)
     packed, sz, go = p.tensors
     lead = x.shape[:-1]
-    xb = x.reshape(-1, p.K).to(torch.bfloat16)                               # (M, K)
-    if p.Kp != p.K:
-        xb = F.pad(xb, (0, p.Kp - p.K))                                      # (M, Kp)
+    xb = _bf16_padded(x, p)                                                  # (M, Kp)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, go, sz)  # (M, Np) bf16
     if p.Np != p.N:
         y = y[:, : p.N]
@@ -247,9 +251,7 @@ def int8_bf16(m, x: torch.Tensor) -> torch.Tensor:
     p = _prepared(m, "int8", _int8_build)
     w, s, corr = p.tensors
     lead = x.shape[:-1]
-    xb = x.reshape(-1, p.K).to(torch.bfloat16)                               # (M, K)
-    if p.Kp != p.K:
-        xb = F.pad(xb, (0, p.Kp - p.K))                                      # (M, Kp)
+    xb = _bf16_padded(x, p)                                                  # (M, Kp)
     y = torch.ops.aten._weight_int8pack_mm(xb.contiguous(), w, s)            # (M, N) bf16
     if corr is not None:  # y_n += s_n (128 − z_n) Σ_k x̂_k in fp32, on the same bf16-rounded x
         y = torch.addr(y.float(), xb.sum(-1, dtype=torch.float32), corr)
