@@ -1,0 +1,40 @@
+"""Prefill speed of a FLAP-pruned SmolLM2 vs the unpruned model, alternated in one loop.
+
+    python benchmarks/prune_prefill_ratio.py [--ratio 0.2] [--rounds 2] [--threads 2]
+
+Both models get the fp32 preset's exact fusions, so the only difference is the pruning. Run it
+on a quiet machine (`uptime` load below ~1.5): the ratio is what to read.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import mcomp
+from mcomp.compiler import ir
+
+from bench_prune import prefill_speed  # same measurement as the pruning benchmark
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ratio", type=float, default=0.2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    base = mcomp.optimize(args.model, "fp32").gm
+    pruned = mcomp.optimize(args.model, "fp32", prune=f"flap:{args.ratio}").gm
+    vocab = ir.get_spec(base).vocab_size
+    for rnd in range(args.rounds):
+        r = prefill_speed({"base": base, "pruned": pruned}, vocab, repeats=args.repeats)
+        print(f"round {rnd}: base {r['base']:.1f} tok/s, flap {args.ratio:.0%} {r['pruned']:.1f} tok/s, "
+              f"ratio {r['pruned'] / r['base']:.3f}x ({args.threads} threads, 512-token prefill, "
+              f"median of {args.repeats}, alternated)")
+
+
+if __name__ == "__main__":
+    main()
