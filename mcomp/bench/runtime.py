@@ -4,7 +4,9 @@ Each configuration runs in its own spawned process (so peak RSS is its own), one
 other in the same invocation, with the same thread count; speeds are reported as absolute
 numbers and as ratios to HF eager measured in the same run (absolute numbers drift on shared
 machines, ratios much less). Measured per configuration:
-  - prefill tokens/s: one forward over a 512-token prompt (batch 1), median of repeats;
+  - prefill tokens/s: one forward over a 512-token prompt (batch 1), median of repeats, with
+    logits for the last position only, as generation needs them (transformers:
+    `logits_to_keep=1`; mcomp: `AttentionState.last_logits_only`), i.e. time to first token;
   - decode tokens/s at 128 and 2048 tokens of context: prefill the context (untimed), then
     greedy single-token steps through the KV cache, timed;
   - weight bytes (what the model holds), peak RSS of the process.
@@ -53,7 +55,7 @@ def _hf_runner(hf_dir: str):
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def forward(ids, cache):
-        return model(input_ids=ids, use_cache=True, **{key: cache}).logits
+        return model(input_ids=ids, use_cache=True, logits_to_keep=1, **{key: cache}).logits
 
     return forward, DynamicCache, sum(params.values()), model.config.vocab_size
 
@@ -71,7 +73,12 @@ def _mcomp_runner(artifact: str):
         state.begin(pos)
         return gm(ids, pos, state)
 
-    return forward, lambda: AttentionState(spec, 1), ir.weight_bytes(gm), spec.vocab_size
+    def new_state():
+        state = AttentionState(spec, 1)
+        state.last_logits_only = True  # the benchmark reads logits[:, -1:] only, like generate
+        return state
+
+    return forward, new_state, ir.weight_bytes(gm), spec.vocab_size
 
 
 def _peak_rss() -> int:

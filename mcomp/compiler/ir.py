@@ -12,14 +12,14 @@ from typing import Iterator
 import torch
 from torch import fx, nn
 
-from .model import CausalLM, LeafModule, apply_rope
+from .model import CausalLM, LeafModule, apply_rope, select_logit_positions
 from .spec import LayerSpec, ModelSpec
 
 LINEAR_ROLES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj",
                 "gate_proj", "up_proj", "gate_up_proj", "down_proj", "lm_head")
 
 
-FUNCTION_ROLES = {apply_rope: "rope_apply"}
+FUNCTION_ROLES = {apply_rope: "rope_apply", select_logit_positions: "logit_select"}
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,8 @@ class AttentionState:
         self.q_pos = None
         self._masks: dict = {}
         self._plain_causal = False
+        #: the model computes logits for the last position only (see select_logit_positions)
+        self.last_logits_only = False
 
     def begin(self, positions: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         if valid is None:

@@ -157,6 +157,28 @@ def test_incremental_decode_matches_full_forward(gm):
     assert (full_logits(glob, ids)[:, WINDOW + 1:] - ref[:, WINDOW + 1:]).abs().max() > 1e-3
 
 
+def test_last_logits_only_prefill_matches_full_forward_and_keeps_cache(gm):
+    """Generation's prefill projects only the last position: same last logits as a full
+    forward, and the cache it leaves behind serves the next step identically."""
+    torch.manual_seed(3)
+    V, T = gm.meta["mcomp.spec"].vocab_size, 12
+    ids = torch.randint(3, V, (2, T + 1))
+    ref = full_logits(gm, ids)                                      # (2, T+1, V)
+    state = AttentionState(gm.meta["mcomp.spec"], batch=2)
+    state.last_logits_only = True
+    with torch.inference_mode():
+        pos = torch.arange(T).expand(2, T)
+        state.begin(pos)
+        first = gm(ids[:, :T], pos, state)
+        state.begin(torch.full((2, 1), T))
+        second = gm(ids[:, T:], torch.full((2, 1), T), state)
+    assert first.shape == (2, 1, V)
+    assert (first[:, 0] - ref[:, T - 1]).abs().max().item() <= 1e-4
+    assert (second[:, 0] - ref[:, T]).abs().max().item() <= 1e-4
+    roles = [n.meta["mcomp"].role for n in gm.graph.nodes if "mcomp" in n.meta]
+    assert roles.count("logit_select") == 1
+
+
 def test_left_padded_prefill_matches_unpadded(gm):
     torch.manual_seed(2)
     V = gm.meta["mcomp.spec"].vocab_size
