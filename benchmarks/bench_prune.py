@@ -1,4 +1,4 @@
-"""Structured pruning benchmark → docs/benchmarks.md (between the bench:prune markers).
+"""Structured pruning benchmark → docs/benchmarks.md (one `prune-MODEL` section per model).
 
 For each model: calibrate on the embedded Pride & Prejudice sample (mcomp.data.calibration_text,
 default CalibrationConfig: 32 windows × 256 tokens), prune 20% and 30% of the non-embedding
@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-
-BEGIN, END = "<!-- bench:prune:begin -->", "<!-- bench:prune:end -->"
 
 
 def prefill_speed(gms: dict, vocab: int, tokens: int = 512, repeats: int = 5,
@@ -56,7 +54,9 @@ def prefill_speed(gms: dict, vocab: int, tokens: int = 512, repeats: int = 5,
 
 
 def bench_model(model: str, ratios, methods, max_tokens: int, threads: int, log,
-                calib_samples: int = 32) -> dict:
+                calib_samples: int = 32, prior: dict | None = None, save=None) -> dict:
+    """Rows already in `prior` (same settings) are kept, not rerun; `save(out)` runs after
+    every row, so a killed run resumes where it stopped."""
     from mcomp import data
     from mcomp.compiler import ir
     from mcomp.compiler.context import CalibrationConfig, CompileContext
@@ -81,7 +81,9 @@ def bench_model(model: str, ratios, methods, max_tokens: int, threads: int, log,
     ne, emb = shrink.non_embedding_params(spec), shrink.embedding_params(spec)
     out = {"model": model, "non_embedding_params": ne, "embedding_params": emb,
            "embedding_share": emb / (ne + emb), "threads": threads,
-           "calib_samples": calib_samples, "rows": []}
+           "calib_samples": calib_samples, "max_tokens": max_tokens, "rows": []}
+    same = prior and all(prior.get(k) == out[k] for k in ("threads", "calib_samples", "max_tokens"))
+    done = {(x["method"], x["ratio"]): x for x in (prior["rows"] if same else [])}
     t0 = time.perf_counter()
     res = base_sess.perplexity(text, ctx=512, max_tokens=max_tokens)
     out["base"] = {"ppl": res.ppl, "tokens_scored": res.tokens_scored,
@@ -89,6 +91,10 @@ def bench_model(model: str, ratios, methods, max_tokens: int, threads: int, log,
     log(f"{model} base ppl {res.ppl:.3f} over {res.tokens_scored} tokens ({time.perf_counter() - t0:.0f}s)")
     for ratio in ratios:
         for method in methods:
+            if (method, ratio) in done:
+                out["rows"].append(done[(method, ratio)])
+                log(f"{model} {method}:{ratio} kept from the previous run")
+                continue
             t0 = time.perf_counter()
             p = PruneStructured(PruneStructuredConfig(method=method, ratio=ratio))
             gm, rep = PassManager([p], verify=VerifyConfig(enabled=False)).run(base, ctx, model)
@@ -103,6 +109,7 @@ def bench_model(model: str, ratios, methods, max_tokens: int, threads: int, log,
                    "prefill_tok_s": speed["pruned"], "base_prefill_tok_s": speed["base"],
                    "prefill_ratio": speed["pruned"] / speed["base"],
                    "weight_bytes": ir.weight_bytes(gm), "prune_seconds": t_prune,
+                   "structure": st["structure"], "structure_search": st.get("structure_search"),
                    "heads": [l.n_heads for l in pspec.layers],
                    "kv_heads": [l.n_kv_heads for l in pspec.layers],
                    "ffn": [l.ffn_dim for l in pspec.layers]}
@@ -110,47 +117,42 @@ def bench_model(model: str, ratios, methods, max_tokens: int, threads: int, log,
             log(f"{model} {method}:{ratio} removed {st['removed_ratio']:.3f} ppl {cmp['ppl']:.3f} "
                 f"KL {cmp['kld']:.4f} prefill ×{row['prefill_ratio']:.2f} ({t_prune:.0f}s prune)")
             del gm
+            if save is not None:
+                save(out)
     return out
 
 
-def to_markdown(results: list[dict], command: str) -> str:
-    lines = ["## Structured pruning: FLAP vs Wanda-sp vs magnitude", "",
-             f"Command: `{command}`", ""]
-    for r in results:
-        b = r["base"]
-        lines += [f"### {r['model']}", "",
-                  f"Non-embedding parameters {r['non_embedding_params'] / 1e6:.1f} M, embedding "
-                  f"{r['embedding_params'] / 1e6:.1f} M ({100 * r['embedding_share']:.0f}% of all "
-                  f"parameters). Unpruned: ppl {b['ppl']:.3f}, weights {b['weight_bytes'] / 1e6:.1f} MB. "
-                  f"Evaluated on {b['tokens_scored']} tokens of Persuasion (512-token windows, BOS "
-                  f"first); calibrated on Pride & Prejudice ({r['calib_samples']} × 256 tokens).", "",
-                  "| method | target | removed | ppl | Δppl | KL | top-1 | prefill tok/s | ×unpruned | weight MB |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for x in r["rows"]:
-            lines.append(
-                f"| {x['method']} | {x['ratio']:.0%} | {100 * x['removed_ratio']:.1f}% | {x['ppl']:.3f} | "
-                f"{x['ppl'] - x['base_ppl']:+.3f} | {x['kld']:.4f} | {100 * x['top1']:.1f}% | "
-                f"{x['prefill_tok_s']:.0f} | {x['prefill_ratio']:.2f}× | {x['weight_bytes'] / 1e6:.1f} |")
-        lines += ["", f"{r['threads']} threads (torch.set_num_threads), torch {torch.__version__}, "
-                  f"{platform.machine()}; prefill: one 512-token prompt through the KV-cache path, "
-                  "pruned and unpruned alternated in the same run, median of 5.", ""]
-        for x in r["rows"]:
-            lines.append(f"- {x['method']} {x['ratio']:.0%}: heads {x['heads']}, kv heads "
-                         f"{x['kv_heads']}, ffn {x['ffn']}")
-        lines.append("")
+def to_markdown(r: dict, command: str) -> str:
+    b = r["base"]
+    lines = [f"### {r['model']}", "", f"Command: `{command}`", "",
+             f"Non-embedding parameters {r['non_embedding_params'] / 1e6:.1f} M, embedding "
+             f"{r['embedding_params'] / 1e6:.1f} M ({100 * r['embedding_share']:.0f}% of all "
+             f"parameters). Unpruned: ppl {b['ppl']:.3f}, weights {b['weight_bytes'] / 1e6:.1f} MB. "
+             f"Evaluated on {b['tokens_scored']} tokens of Persuasion (512-token windows, BOS "
+             f"first); calibrated on Pride & Prejudice ({r['calib_samples']} × 256 tokens).", "",
+             "| method | structure | target | removed | ppl | Δppl | Δppl ÷ wanda-sp's | KL | top-1 "
+             "| prefill ×unpruned | weight MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    wanda = {x["ratio"]: x["ppl"] - x["base_ppl"] for x in r["rows"] if x["method"] == "wanda-sp"}
+    for x in r["rows"]:
+        inc = x["ppl"] - x["base_ppl"]
+        rel = f"{inc / wanda[x['ratio']]:.2f}" if x["ratio"] in wanda else "–"
+        lines.append(
+            f"| {x['method']} | {x['structure']} | {x['ratio']:.0%} | {100 * x['removed_ratio']:.1f}% "
+            f"| {x['ppl']:.3f} | {inc:+.3f} | {rel} | {x['kld']:.4f} | {100 * x['top1']:.1f}% "
+            f"| {x['prefill_ratio']:.2f}× | {x['weight_bytes'] / 1e6:.1f} |")
+    lines += ["", f"{r['threads']} threads (torch.set_num_threads), torch {torch.__version__}, "
+              f"{platform.machine()}. Prefill ratio: one 512-token prompt through the KV-cache "
+              "path (last-position logits, as in generation), pruned and unpruned alternated in "
+              "the same run, median of 5; on a loaded machine read it with ±0.1× noise (the "
+              "quiet-machine measurement is the prefill section below).", ""]
+    for x in r["rows"]:
+        search = x.get("structure_search")
+        why = (" — structure search, calibration loss " +
+               ", ".join(f"{k} {v:.4f}" for k, v in search.items())) if search else ""
+        lines.append(f"- {x['method']} {x['ratio']:.0%}{why}: heads {x['heads']}, kv heads "
+                     f"{x['kv_heads']}, ffn {x['ffn']}")
     return "\n".join(lines)
-
-
-def write_section(md: str, path: Path) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{md.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        pre, rest = text.split(BEGIN, 1)
-        _, post = rest.split(END, 1)
-        text = pre + block + post
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
 
 
 def main(argv=None):
@@ -168,17 +170,25 @@ def main(argv=None):
     def log(msg):
         print(msg, flush=True)
 
-    results = []
+    from mcomp.bench import write_section
     jpath = Path(args.json)
     jpath.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(jpath.read_text()) if jpath.exists() else []
     for m in args.models:
-        results.append(bench_model(m, args.ratios, args.methods, args.max_tokens, args.threads, log,
-                                   args.calib_samples))
-        jpath.write_text(json.dumps(results, indent=1))
-    import sys
-    md = to_markdown(results, "python benchmarks/bench_prune.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    write_section(md, Path(args.out))
-    print(md)
+        def save(r, m=m):
+            nonlocal results
+            results = [x for x in results if x["model"] != m] + [r]
+            jpath.write_text(json.dumps(results, indent=1))
+
+        prior = next((x for x in results if x["model"] == m), None)
+        r = bench_model(m, args.ratios, args.methods, args.max_tokens, args.threads, log,
+                        args.calib_samples, prior=prior, save=save)
+        save(r)
+        cmd = (f"python benchmarks/bench_prune.py --models {m} --max-tokens {args.max_tokens} "
+               f"--calib-samples {args.calib_samples} --threads {args.threads}")
+        md = to_markdown(r, cmd)
+        write_section(args.out, f"prune-{m}", md)
+        print(md)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
    channel 3·hidden when gated) — FLAP's head weighting, generalized to GQA and any head_dim.
    FLAP standardizes scores per layer and module (adaptive structure); wanda-sp and magnitude
    rank units within each module, so every layer loses the same share (uniform structure).
+   FLAP's default, `search`, builds both and keeps the one with the lower calibration loss.
 3. Shrink (phase 2). A second block-by-block walk: for layer i, statistics are gathered on
    inputs that went through the already-pruned layers 0..i-1, the layer's units are re-ranked
    on them, the lowest go (with FLAP bias compensation: the mean contribution of the removed
@@ -43,7 +44,8 @@ from .importance import IMPORTANCE, ImportanceMetric, LayerStats, UnitScores, st
 
 log = logging.getLogger("mcomp.prune")
 
-STRUCTURES = ("auto", "global", "uniform")
+STRUCTURES = ("auto", "global", "uniform", "search")
+SEARCHED = ("global", "uniform")   # what `search` chooses between
 HEAD_UNITS = ("auto", "kv_group", "q_head")
 TARGETS = ("heads", "channels")
 
@@ -53,7 +55,10 @@ class PruneStructuredConfig(PassConfig):
     method: str = "flap"                     # key in prune.importance.IMPORTANCE
     ratio: float = 0.2                       # share of non-embedding parameters to remove
     target_params: int = 0                   # >0: non-embedding parameters to keep (overrides ratio)
+    target_bytes: int = 0                    # >0: total weight bytes to end at, as stored when the
+                                             #     pass runs (fp32 before quantization; overrides ratio)
     structure: str = "auto"                  # auto (the metric's) | global (adaptive) | uniform
+                                             # | search (both, keep the lower calibration loss)
     head_unit: str = "auto"                  # auto | kv_group | q_head
     targets: tuple[str, ...] = TARGETS       # what may be pruned: heads, channels
     min_heads_per_layer: int = 1             # query heads kept per layer, at least
@@ -68,9 +73,11 @@ class PruneStructuredConfig(PassConfig):
     def __post_init__(self):
         where = "prune_structured"
         IMPORTANCE.get(self.method)  # unknown method: ConfigError listing the valid ones
-        if self.target_params < 0:
-            raise ConfigError(f"{where}: target_params={self.target_params} must be ≥ 0")
-        if not self.target_params and not (0.0 < self.ratio < 1.0):
+        if self.target_params < 0 or self.target_bytes < 0:
+            raise ConfigError(f"{where}: target_params / target_bytes must be ≥ 0")
+        if self.target_params and self.target_bytes:
+            raise ConfigError(f"{where}: give target_params or target_bytes, not both")
+        if not self.absolute_target and not (0.0 < self.ratio < 1.0):
             raise ConfigError(f"{where}: ratio={self.ratio} must lie strictly between 0 and 1 "
                               "(the share of non-embedding parameters to remove)")
         if self.structure not in STRUCTURES:
@@ -91,13 +98,17 @@ class PruneStructuredConfig(PassConfig):
             raise ConfigError(f"{where}: channel_multiple={self.channel_multiple} must be ≥ 1")
         if self.bias_compensation not in (True, False, "auto"):
             raise ConfigError(f"{where}: bias_compensation must be true, false or \"auto\"")
-        if not self.target_params:
+        if not self.absolute_target:
             keep = min([self.min_head_fraction] * ("heads" in self.targets)
                        + [self.min_channel_fraction] * ("channels" in self.targets))
             if self.ratio >= 1.0 - keep:
                 raise ConfigError(
                     f"{where}: ratio={self.ratio} contradicts the keep-minimums: keeping "
                     f"≥{keep:.0%} of every pruned module leaves at most {1 - keep:.0%} removable")
+
+    @property
+    def absolute_target(self) -> bool:
+        return bool(self.target_params or self.target_bytes)
 
     def metric(self) -> ImportanceMetric:
         return IMPORTANCE.get(self.method)()
@@ -118,9 +129,10 @@ class LayerPlan:
     head_unit: str
 
 
-def _layer_modules(gm, i: int) -> dict[str, nn.Linear]:
+def _layer_modules(gm, i: int) -> dict[str, nn.Module]:
+    """Layer i's linears, and its post-projection (sandwich) norms when it has them."""
     out = {}
-    for name in shrink.ATTN_LINEARS + shrink.MLP_LINEARS:
+    for name in shrink.ATTN_LINEARS + shrink.MLP_LINEARS + ("post_attn_norm", "post_mlp_norm"):
         try:
             out[name] = gm.get_submodule(f"layers.{i}.{name}")
         except AttributeError:
@@ -239,6 +251,19 @@ class Planner:
         return cands[k], self.plan(cands[k]), count(k)
 
 
+def calibration_loss(gm, ctx) -> float:
+    """Mean next-token NLL of `gm` over the calibration windows (one window per forward: a 262k
+    vocabulary makes a batch of logits large)."""
+    from ..runtime.metrics import token_nll
+    total, n = 0.0, 0
+    with torch.inference_mode():
+        for batch in ctx.calibration_batches(batch_size=1):
+            logits = gm(batch, ctx.positions(batch))                  # (1, T, V)
+            nll = token_nll(logits[0, :-1], batch[0, 1:])
+            total, n = total + float(nll.sum()), n + nll.numel()
+    return total / n
+
+
 @register_pass
 class PruneStructured(Pass):
     name = "prune_structured"
@@ -261,6 +286,21 @@ class PruneStructured(Pass):
             raise ConfigError(f"prune_structured: exclude_layers {bad} out of range "
                               f"(model has {spec.n_layers} layers)")
 
+    @staticmethod
+    def _params_for_bytes(gm, total0: int, target_bytes: int) -> int:
+        """Non-embedding parameters to keep so the model's weights take `target_bytes`: the
+        embedding (and anything else outside the decoder) is a fixed cost pruning cannot cut."""
+        from ..units import format_bytes
+        bytes0 = ir.weight_bytes(gm)
+        elem = gm.get_submodule("layers.0.o_proj").weight.element_size()
+        fixed = bytes0 - total0 * elem
+        if target_bytes <= fixed:
+            raise ConfigError(
+                f"prune_structured: target_bytes {format_bytes(target_bytes)} is not reachable: the "
+                f"embedding and other unprunable weights alone take {format_bytes(fixed)} "
+                f"(the model has {format_bytes(bytes0)})")
+        return (target_bytes - fixed) // elem
+
     # ------------------------------------------------------------------ phases
     def _scores(self, gm, spec, metric, stats: dict[int, LayerStats], normalize) -> dict[int, UnitScores]:
         out = {}
@@ -274,17 +314,20 @@ class PruneStructured(Pass):
         spec0 = ir.get_spec(gm)
         metric = cfg.metric()
         structure = cfg.resolved_structure()
-        normalize = {"global": metric.normalize if metric.normalize != "rank" else "standardize",
-                     "uniform": "rank"}[structure]
         bias = cfg.resolved_bias()
         need_stats = metric.calibrated or bias
         total0 = shrink.non_embedding_params(spec0)
         target = cfg.target_params or round(total0 * (1.0 - cfg.ratio))
+        if cfg.target_bytes:
+            target = self._params_for_bytes(gm, total0, cfg.target_bytes)
         if target >= total0:
             raise ConfigError(f"prune_structured: target_params={target:,} is not below the model's "
                               f"{total0:,} non-embedding parameters")
+        if structure == "search" and ctx is None:
+            raise ConfigError("prune_structured: structure 'search' compares calibration losses; "
+                              "it needs calibration text")
 
-        # phase 1: scores on the unpruned model, one global threshold → per-layer structure
+        # phase 1: scores on the unpruned model, shared by every structure tried
         stats1: dict[int, LayerStats] = {}
         if need_stats:
             runner = LayerwiseRunner(gm, ctx.calibration_batches())
@@ -292,31 +335,54 @@ class PruneStructured(Pass):
             for i in range(runner.n_layers):
                 runner.advance(i, collect)
             del runner
-        scores = self._scores(gm, spec0, metric, stats1, normalize)
-        planner = Planner(spec0, scores, cfg)
-        threshold, plan, planned = planner.search(target)
 
-        # phase 2: walk again, re-rank each layer on inputs through the pruned layers, shrink.
-        # Layers are shrunk in place (later layers must see them); the input IR is restored after.
-        saved: dict = {}
-        try:
-            new, spec, layers_report = self._shrink(gm, ctx, spec0, metric, normalize, bias,
-                                                    need_stats, stats1, plan, saved)
-        finally:
-            for target, mod in saved.items():
-                ir.replace_module(gm, target, mod)
+        # phase 2 per structure: one global threshold → per-layer plan, then the shrink walk.
+        # `search` (FLAP's default) builds both the adaptive and the uniform model and keeps the
+        # one with the lower loss on the calibration text: which allocation wins depends on the
+        # model (adaptive for SmolLM2; uniform for Gemma 3, whose post-projection norms make
+        # standardized fluctuations poor guides across layers), and the loss is what decides.
+        tried = {}
+        for st in (SEARCHED if structure == "search" else (structure,)):
+            tried[st] = self._prune(gm, ctx, spec0, metric, st, bias, need_stats, stats1, target)
+            if structure == "search":
+                tried[st]["calibration_loss"] = calibration_loss(tried[st]["gm"], ctx)
+                log.info("prune_structured: %s structure → calibration loss %.4f",
+                         st, tried[st]["calibration_loss"])
+        chosen = min(tried, key=lambda k: tried[k].get("calibration_loss", 0.0))
+        best = tried[chosen]
+        new, spec = best["gm"], best["spec"]
         total1 = shrink.non_embedding_params(spec)
         stats = {
-            "method": cfg.method, "structure": structure, "normalize": normalize,
-            "bias_compensation": bias, "threshold": threshold,
+            "method": cfg.method, "structure": chosen, "normalize": best["normalize"],
+            "bias_compensation": bias, "threshold": best["threshold"],
             "non_embedding_params_before": total0, "non_embedding_params_after": total1,
-            "target_params": target, "removed_ratio": 1 - total1 / total0,
+            "target_params": target, "target_bytes": cfg.target_bytes,
+            "removed_ratio": 1 - total1 / total0, "weight_bytes_after": ir.weight_bytes(new),
             "embedding_params": shrink.embedding_params(spec0),
-            "layers": layers_report,
+            "layers": best["layers"],
         }
+        if structure == "search":
+            stats["structure_search"] = {k: round(v["calibration_loss"], 5) for k, v in tried.items()}
         log.info("prune_structured %s: non-embedding params %d → %d (%.1f%% removed)",
                  cfg.method, total0, total1, 100 * (1 - total1 / total0))
         return PassResult(new, stats)
+
+    def _prune(self, gm, ctx, spec0, metric, structure, bias, need_stats, stats1, target) -> dict:
+        """Plan with `structure` and shrink; the input IR is left as it was."""
+        normalize = {"global": metric.normalize if metric.normalize != "rank" else "standardize",
+                     "uniform": "rank"}[structure]
+        scores = self._scores(gm, spec0, metric, stats1, normalize)
+        threshold, plan, _ = Planner(spec0, scores, self.config).search(target)
+        # layers are shrunk in place (later layers must see them); the input IR is restored after
+        saved: dict = {}
+        try:
+            new, spec, layers = self._shrink(gm, ctx, spec0, metric, normalize, bias,
+                                             need_stats, stats1, plan, saved)
+        finally:
+            for name, mod in saved.items():
+                ir.replace_module(gm, name, mod)
+        return {"gm": new, "spec": spec, "layers": layers, "normalize": normalize,
+                "threshold": threshold}
 
     def _shrink(self, gm, ctx, spec0, metric, normalize, bias, need_stats, stats1, plan, saved):
         cfg: PruneStructuredConfig = self.config

@@ -99,7 +99,7 @@ def test_flap_global_structure_is_heterogeneous_and_runs_from_an_artifact(tmp_pa
     with torch.no_grad():  # make layer 2's attention and layer 0's MLP matter little
         gm.get_submodule("layers.2.o_proj").weight.mul_(0.05)
         gm.get_submodule("layers.0.down_proj").weight[:, :60].mul_(0.01)
-    gm2, rep = run(gm, method="flap", ratio=0.3)
+    gm2, rep = run(gm, method="flap", ratio=0.3, structure="global")
     st = rep.passes[0].stats
     assert abs(st["removed_ratio"] - 0.3) < 0.05
     layers = ir.get_spec(gm2).layers
@@ -121,6 +121,25 @@ def test_flap_global_structure_is_heterogeneous_and_runs_from_an_artifact(tmp_pa
     torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=0, atol=1e-4)
     new = Session(art.gm).generate_ids([[1, 5, 9, 33]], max_new_tokens=5, stop_at_eos=False)
     assert len(new[0]) == 5
+
+
+def test_structure_search_keeps_the_structure_with_the_lower_calibration_loss():
+    from mcomp.prune.structured import calibration_loss
+    spec = tiny_spec(n_layers=3, heads=6, kv_heads=3, head_dim=8)
+    gm = tiny_gm(spec)
+    with torch.no_grad():
+        gm.get_submodule("layers.2.o_proj").weight.mul_(0.05)
+    ctx = small_ctx()
+    gm2, rep = PassManager([PruneStructured(PruneStructuredConfig(method="flap", ratio=0.3))]
+                           ).run(gm, ctx)
+    st = rep.passes[0].stats
+    losses = st["structure_search"]                       # flap's default structure is search
+    assert set(losses) == {"global", "uniform"} and st["structure"] == min(losses, key=losses.get)
+    assert calibration_loss(gm2, ctx) == pytest.approx(losses[st["structure"]], abs=1e-5)
+    for other in losses:                                  # each loss is that structure's model's
+        g, _ = PassManager([PruneStructured(PruneStructuredConfig(
+            method="flap", ratio=0.3, structure=other))]).run(gm, ctx)
+        assert calibration_loss(g, ctx) == pytest.approx(losses[other], abs=1e-5)
 
 
 def test_q_head_unit_on_a_single_kv_head_model():
@@ -221,3 +240,52 @@ def test_cli_prune_option_reaches_the_recipe():
     assert r.exit_code == 2 and "n_layers=0" in r.output
     r = CliRunner().invoke(cli, ["optimize", "--help"])
     assert "--prune" in r.output and "wanda-sp:0.3" in r.output
+
+
+def test_byte_target_lands_on_the_requested_weight_bytes():
+    gm = tiny_gm(tiny_spec(n_layers=2))
+    before = ir.weight_bytes(gm)
+    fixed = before - 4 * shrink.non_embedding_params(ir.get_spec(gm))
+    want = fixed + (before - fixed) * 3 // 4                 # a quarter of the decoder goes
+    new, rep = run(gm, method="wanda-sp", target_bytes=want, min_head_fraction=0.25)
+    got = ir.weight_bytes(new)
+    assert rep.passes[0].stats["weight_bytes_after"] == got
+    # the planner lands on the closest achievable count: within one unit (a KV group) of bytes
+    ls = ir.get_spec(gm).layers[0]
+    group = 4 * shrink.block_params(ls, ir.get_spec(gm))["attn"] // ls.n_kv_heads
+    assert abs(got - want) <= group and got < before
+    with pytest.raises(ConfigError, match="not reachable.*embedding"):
+        run(gm, method="wanda-sp", target_bytes=fixed)
+    with pytest.raises(ConfigError, match="not both"):
+        PruneStructuredConfig(target_params=10, target_bytes=10)
+    p = parse_prune_flag("flap:400MB")
+    assert p.config.target_bytes == 400_000_000
+    with pytest.raises(ConfigError, match="unit"):
+        parse_prune_flag("flap:400XB")
+
+
+def test_flap_postnorm_reads_the_post_projection_norm_when_there_is_one():
+    """Gemma-style sandwich norm y = g ⊙ Wx / rms(Wx): a channel writing only to a dimension the
+    norm's gain zeroes does not reach the residual stream; plain FLAP cannot see that."""
+    from torch import nn
+
+    from mcomp.prune.importance import Flap, FlapPostNorm, LayerStats
+    torch.manual_seed(0)
+    x = torch.randn(500, 4)                       # o_proj input: 4 channels, equal variance
+    o = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        o.weight.copy_(torch.tensor([[3.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]]))
+    norm = nn.Module()
+    norm.weight = nn.Parameter(torch.tensor([0.0, 1.0]))   # dimension 0 never reaches the residual
+    st = LayerStats()
+    for xs in x.split(100):
+        st.o_proj.add(xs)
+        out = o(xs)
+        st.o_proj_normed.add(xs / out.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
+    st.down_proj, st.down_proj_normed = st.o_proj, st.o_proj_normed   # MLP side unused here
+    mods = {"o_proj": o, "down_proj": o}
+    plain, _ = Flap().channel_scores({**mods, "post_attn_norm": norm}, st)
+    aware, _ = FlapPostNorm().channel_scores({**mods, "post_attn_norm": norm}, st)
+    torch.testing.assert_close(FlapPostNorm().channel_scores(mods, st)[0], plain)  # no norm: same
+    assert int(plain.argmax()) == 0               # by raw fluctuation, channel 0 matters most
+    assert float(aware[0]) == 0.0 and float(aware[1]) > 0   # it is invisible after the norm
