@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import ConfigError
+from .hadamard import hadamard_block
 
 SPEC_VERSION = 1
 
@@ -27,6 +28,7 @@ def _from_mapping(cls, data: Mapping[str, Any], *, where: str):
 KV_KINDS = ("dense", "kivi")
 KV_BITS = (2, 4, 8)
 KV_DTYPES = ("float32", "bfloat16", "float16")
+KV_ROTATIONS = ("none", "hadamard")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,11 @@ class KVSpec:
       values per token over groups of `min(group_size, head_dim)` channels. The `residual` most
       recent tokens stay in full precision (`dtype`) and are flushed into the quantized store
       `group_size` tokens at a time; the first `sink` tokens are never quantized.
+      `k_rotation="hadamard"` rotates keys and queries online, after RoPE, by an orthonormal
+      Hadamard matrix R (head_dim × head_dim) before keys are stored: q·kᵀ = (qR)(kR)ᵀ, so
+      attention is unchanged in full precision while outlier channels are spread over the
+      head before quantization (QuaRot). RoPE sits between k_proj and the cache, so this
+      rotation cannot be folded into weights; V rotation can (the rotate_v pass).
 
     Every field has a default so manifests written before the quantized kinds existed load
     unchanged (their `kv` dict only has kind and dtype)."""
@@ -51,13 +58,19 @@ class KVSpec:
     residual: int = 128
     sink: int = 0
     k_axis: str = "channel"         # channel (KIVI) | token (ablation)
+    k_rotation: str = "none"        # none | hadamard (online, post-RoPE, on keys and queries)
 
     def __post_init__(self):
         if self.kind not in KV_KINDS:
             raise ConfigError(f"kv spec: unknown kind '{self.kind}'; valid: {', '.join(KV_KINDS)}")
         if self.dtype not in KV_DTYPES:
             raise ConfigError(f"kv spec: dtype '{self.dtype}' not in {', '.join(KV_DTYPES)}")
+        if self.k_rotation not in KV_ROTATIONS:
+            raise ConfigError(f"kv spec: k_rotation '{self.k_rotation}' not in "
+                              f"{', '.join(KV_ROTATIONS)}")
         if self.kind != "kivi":
+            if self.k_rotation != "none":  # a dense cache is exact: nothing to rotate for
+                raise ConfigError(f"kv spec: k_rotation needs a quantized kind, not '{self.kind}'")
             return
         for name in ("k_bits", "v_bits"):
             if getattr(self, name) not in KV_BITS:
@@ -77,7 +90,8 @@ class KVSpec:
             return f"dense-{self.dtype}"
         k = f"k{self.k_bits}" + ("t" if self.k_axis == "token" else "")
         return (f"kivi-{k}v{self.v_bits}-g{self.group_size}-r{self.residual}"
-                + (f"-s{self.sink}" if self.sink else ""))
+                + (f"-s{self.sink}" if self.sink else "")
+                + ("-hk" if self.k_rotation == "hadamard" else ""))
 
     def check_layer(self, head_dim: int) -> None:
         """Constraints that need the layer's head_dim (LayerSpec calls this)."""
@@ -87,6 +101,8 @@ class KVSpec:
         if head_dim % gv:
             raise ConfigError(f"kv spec: value channel group min(group_size={self.group_size}, "
                               f"head_dim={head_dim}) must divide head_dim")
+        if self.k_rotation == "hadamard":
+            hadamard_block(head_dim)  # ConfigError when head_dim has no usable Hadamard block
         for bits in (self.k_bits, self.v_bits):
             if head_dim % (8 // bits):
                 raise ConfigError(f"kv spec: head_dim={head_dim} must be a multiple of "

@@ -18,6 +18,8 @@ C++ through `torch.utils.cpp_extension.load_inline` (JIT, cached in torch's exte
    unpacked once for the rep heads.
 No dense cache is materialized: one block's G×D codes at a time are unpacked into an L1-sized
 float buffer (8 KB at G=32, D=64). Per-token keys (k_axis="token", an ablation) run the reference.
+A key rotation (KVSpec.k_rotation) needs nothing here: KIVICache.attend rotates q and the keys
+before they reach the cache, so q and the packed keys are already in the same (rotated) basis.
 
 If the extension cannot be built (no ninja, no compiler, or disabled by the env var
 MCOMP_NO_KIVI_KERNEL=1), `available()` is False and the cache uses the reference path; asking

@@ -27,6 +27,13 @@ kq, vq: (B, H, n_q/G, G·D·b/8) uint8. Code order inside a block row:
   qm + Σ_d (scale·q_d·s_d)·codes[d, :] with vectors over tokens (no horizontal sums).
 - K, token axis (ablation), and V: token-major, code[t·D + d] (a weighted sum over tokens).
 
+Key rotation (KVSpec.k_rotation="hadamard", QuaRot-style, post-RoPE): `attend` maps q and the
+new k to q·R, k·R with R the orthonormal Hadamard matrix (D × D) before anything else, so
+everything the cache holds and computes with (sink, store, residual, `full_kv`, the fast kernel)
+is in the rotated basis, and `append` takes keys in that basis. Logits are unchanged in exact
+arithmetic, q·kᵀ = q R Rᵀ kᵀ, and values/outputs are never rotated, so the kernels need no
+change; what changes is what gets quantized: a key outlier channel is spread over the head.
+
 Byte accounting: `bytes_per_token(layer)` is the amortized cost of one token in the quantized
 store (codes + its share of the fp16 scales/mins, all KV heads, K and V); the fp sink and
 residual are a bounded overhead (≤ sink + residual + G − 1 tokens at `dtype`) it does not
@@ -41,6 +48,7 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
+from ...compiler.hadamard import hadamard
 from ...compiler.spec import LayerSpec
 from ..kvcache import KV_REPRESENTATIONS, KVCache, _DTYPES
 
@@ -120,6 +128,8 @@ class KIVICache(KVCache):
         self.gv = min(kv.group_size, layer.head_dim)
         self.k_channel = kv.k_axis == "channel"
         self.fp_dtype = _DTYPES[kv.dtype]
+        # (D, D) orthonormal key/query rotation, or None (module docstring)
+        self.k_rot = hadamard(self.D) if kv.k_rotation == "hadamard" else None
         self.sink_k = self.sink_v = None     # (B, H, ns, D)
         self.res_k = self.res_v = None       # (B, H, nr, D)
         self.n_q = 0                         # tokens in the quantized store (multiple of G)
@@ -281,7 +291,10 @@ class KIVICache(KVCache):
         kernel when available, else the reference. Multi-token chunks attend to their own
         tokens in full precision ("prefill attends in full precision, then stores quantized"),
         unless `quantize_before_attend` is set: then each query sees exactly the state
-        token-by-token decode would have had at its step."""
+        token-by-token decode would have had at its step. With a key rotation, q and k enter
+        the rotated basis here, the cache's only model-facing entry point."""
+        if self.k_rot is not None:
+            q, k = q @ self.k_rot.to(q.dtype), k @ self.k_rot.to(k.dtype)   # (B, H*, T, D)
         L = self.length
         self.append(k, v)
         B, Hq, T, D = q.shape
