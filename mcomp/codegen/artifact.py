@@ -33,11 +33,12 @@ from ..compiler import ir
 from ..compiler.frontend.base import TOKENIZER_FILES
 from ..compiler.spec import ModelSpec
 from ..errors import ArtifactError, ConfigError, MCompError
-from .manifest import (DIGEST_KEY, FORMAT, FORMAT_VERSION, MANIFEST_NAME, SAFETENSORS_METADATA,
+from ..quant.embedding import EMBED, HEAD, head_is_tied, tie_head
+from .manifest import (DIGEST_KEY, EMBED_FORMAT_VERSION, FORMAT, FORMAT_VERSION, MANIFEST_NAME,
                        ST_DTYPES, SUPPORTED_FORMAT_VERSIONS, WEIGHTS_NAME, TensorInfo,
                        build_skeleton, compare_tensors, describe_linears, dtype_name,
-                       implied_tensors, jsonable, kv_view, manifest_digest, module_bytes,
-                       stored_state)
+                       format_version_for, implied_tensors, jsonable, kv_view, manifest_digest,
+                       module_bytes, safetensors_metadata, stored_state)
 
 log = logging.getLogger("mcomp.codegen")
 
@@ -116,19 +117,17 @@ def _tensors_to_write(gm: fx.GraphModule, spec: ModelSpec, out: Path) -> tuple[d
     weights = describe_linears(gm, spec)
     expected = implied_tensors(spec, weights, where=f"cannot write {out}: model")
     sd = stored_state(gm, spec)
-    if spec.tie_embeddings:
-        head, emb = gm.get_submodule("lm_head"), gm.get_submodule("embed")
-        if getattr(head, "weight", None) is not emb.weight:
-            raise _fail(f"cannot write {out}: the model spec says tie_embeddings but lm_head.weight is "
-                        "not embed.weight (a pass changed the head without untying the spec)")
+    if spec.tie_embeddings and not head_is_tied(gm):
+        raise _fail(f"cannot write {out}: the model spec says tie_embeddings but lm_head does not "
+                    "share the embedding's tensors (a pass changed the head without untying the spec)")
     actual = {k: TensorInfo(dtype_name(v.dtype), tuple(v.shape)) for k, v in sd.items()}
     diff = compare_tensors(expected, actual, expected_what="the model spec", actual_what="the model")
     if diff:
         raise _fail(f"cannot write {out}: {diff}")
     for name, entry in weights.items():
         entry["bytes"] = module_bytes(expected, name)
-        if name == "lm_head" and spec.tie_embeddings:
-            entry["tied_to"] = "embed"
+        if name == HEAD and spec.tie_embeddings:
+            entry["tied_to"] = EMBED
     tensors, seen = {}, set()
     for k, v in sd.items():
         t = v.detach().to("cpu").contiguous()
@@ -160,7 +159,8 @@ def _write_manifest(path: Path, manifest: dict) -> None:
 
 def _build(tmp: Path, gm: fx.GraphModule, spec: ModelSpec, weights: dict, tensors: dict,
            tok_files: list[str], tokenizer_dir: Path | None, source: str, report, pass_log, recipe) -> None:
-    save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=dict(SAFETENSORS_METADATA))
+    version = format_version_for(weights)
+    save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=safetensors_metadata(version))
     for name in tok_files:
         shutil.copyfile(tokenizer_dir / name, tmp / name)
     files = {}
@@ -174,7 +174,7 @@ def _build(tmp: Path, gm: fx.GraphModule, spec: ModelSpec, weights: dict, tensor
         report_dict = report.to_dict() if hasattr(report, "to_dict") else report
     manifest = jsonable({
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "mcomp_version": _mcomp_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": str(source),
@@ -406,6 +406,9 @@ def _check(path: str | os.PathLike) -> _Checked:
         raise _fail(f"{mpath}: invalid model spec: {e}") from None
     if m.get("kv") != kv_view(spec):
         raise _fail(f"{mpath}: 'kv' does not match the per-layer KV specs in 'model'")
+    if EMBED in weights and m["format_version"] < EMBED_FORMAT_VERSION:
+        raise _fail(f"{mpath}: weights '{EMBED}' needs format version {EMBED_FORMAT_VERSION}, "
+                    f"the manifest says {m['format_version']}")
 
     _check_files(root, files, mpath)
 
@@ -442,7 +445,8 @@ def verify_artifact(path: str | os.PathLike) -> dict:
 
 def load_artifact(path: str | os.PathLike) -> LoadedArtifact:
     """Verify, then build the traced IR (CausalLM from the stored spec, QuantLinear where the
-    manifest says quantized, strict state-dict load)."""
+    manifest says quantized, QuantEmbedding for a quantized embedding with a tied head sharing
+    its tensors, strict state-dict load)."""
     c = _check(path)
     wpath = c.root / WEIGHTS_NAME
     try:
@@ -453,14 +457,15 @@ def load_artifact(path: str | os.PathLike) -> LoadedArtifact:
         raise
     except Exception as e:  # safetensors' own parse errors, allocation failures
         raise _fail(f"{wpath}: cannot be read: {type(e).__name__}: {e}") from None
-    if c.spec.tie_embeddings and "embed.weight" in sd:
-        sd["lm_head.weight"] = sd["embed.weight"]
+    if c.spec.tie_embeddings:  # the head's tensors are the embedding's (embed.weight or qweight/…)
+        for k in [k for k in sd if k.startswith(EMBED + ".")]:
+            sd[HEAD + k[len(EMBED):]] = sd[k]
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         raise _fail(f"{wpath}: does not fit the model spec: {e}") from None
     if c.spec.tie_embeddings:
-        model.lm_head.weight = model.embed.weight  # assign=True loaded two Parameters; re-tie
+        tie_head(model)  # assign=True gave each module its own reference; share one table again
     model.init_derived_buffers().eval()
     gm = ir.trace(model)
     gm.eval()

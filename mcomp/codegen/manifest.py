@@ -9,6 +9,13 @@ safetensors header holds are the same set with the same dtypes and shapes.
 `implied_tensors` is shared by save (to fill `manifest["tensors"]` and to check the model about
 to be written) and load (to check a manifest before any tensor is read), so both sides agree
 by construction.
+
+Format versions: 1 describes every linear in `weights` (the token embedding is always a float
+`embed.weight`); 2 adds a `weights["embed"]` entry for a quantized token embedding (stored like
+a quantized linear: `embed.qweight/scales/zeros`; a tied lm_head is then a quantized entry with
+`tied_to: "embed"` and no tensors of its own). The writer stamps the lowest version that
+describes the artifact (`format_version_for`), so artifacts without a quantized embedding stay
+version 1 and older mcomp releases keep reading them; this mcomp reads both.
 """
 from __future__ import annotations
 
@@ -25,16 +32,26 @@ from ..compiler import ir
 from ..compiler.model import CausalLM
 from ..compiler.spec import ModelSpec
 from ..errors import ArtifactError, ConfigError
+from ..quant.embedding import EMBED, HEAD, QuantEmbedding
 from ..quant.linear import QuantLinear
 from ..quant.scheme import WeightScheme
 
 FORMAT = "mcomp-artifact"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2                  # the newest version this mcomp writes
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+EMBED_FORMAT_VERSION = 2            # first version with a quantized embedding (weights["embed"])
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "model.safetensors"
 DIGEST_KEY = "manifest_sha256"
-SAFETENSORS_METADATA = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+
+
+def format_version_for(weights: Mapping[str, Any]) -> int:
+    """The lowest format version that can describe an artifact with this weight table."""
+    return EMBED_FORMAT_VERSION if EMBED in weights else 1
+
+
+def safetensors_metadata(version: int) -> dict[str, str]:
+    return {"format": FORMAT, "format_version": str(version)}
 
 WEIGHT_KINDS = ("float", "quantized")
 
@@ -97,7 +114,8 @@ def kv_view(spec: ModelSpec) -> list[dict]:
 # ----------------------------------------------------------------------------- weights
 
 def weight_entry(mod: nn.Module) -> dict:
-    """kind / shape / scheme of one float or quantized linear (bytes are filled in later)."""
+    """kind / shape / scheme of one float or quantized linear, or of a quantized embedding
+    (shape [vocab, hidden], its (out, in) as a linear); bytes are filled in later."""
     out_f, in_f = ir.linear_shape(mod)
     if isinstance(mod, QuantLinear):
         return {"kind": "quantized", "shape": [out_f, in_f], "scheme": mod.scheme.to_dict()}
@@ -108,7 +126,9 @@ def weight_entry(mod: nn.Module) -> dict:
 
 
 def describe_linears(model: nn.Module, spec: ModelSpec) -> dict[str, dict]:
-    """Weight table entries (without bytes) for every linear the spec says the model has."""
+    """Weight table entries (without bytes) for every linear the spec says the model has, plus
+    `embed` when the token embedding is quantized (a float embedding has no entry: that is the
+    version-1 table, and it keeps float-embedding artifacts readable by older releases)."""
     table = {}
     for name in ir.expected_linear_shapes(spec):
         try:
@@ -116,6 +136,9 @@ def describe_linears(model: nn.Module, spec: ModelSpec) -> dict[str, dict]:
         except AttributeError:
             raise ArtifactError(f"model has no module '{name}' although its spec implies one") from None
         table[name] = weight_entry(mod)
+    embed = model.get_submodule(EMBED)
+    if isinstance(embed, QuantEmbedding):
+        table[EMBED] = weight_entry(embed)
     return table
 
 
@@ -132,51 +155,77 @@ class TensorInfo:
         return {"dtype": self.dtype, "shape": list(self.shape)}
 
 
+def _entry_scheme(name: str, entry: Any, shape: tuple[int, int], where: str) -> WeightScheme | None:
+    """Validate one weight-table entry against the (out, in) the spec implies: its scheme, or
+    None for a float entry."""
+    if not isinstance(entry, Mapping):
+        raise ArtifactError(f"{where}: entry for '{name}' is not an object")
+    kind, got = entry.get("kind"), entry.get("shape")
+    if kind not in WEIGHT_KINDS:
+        raise ArtifactError(f"{where}: '{name}' has kind {kind!r}; valid: {', '.join(WEIGHT_KINDS)}")
+    if list(got or ()) != list(shape):
+        raise ArtifactError(f"{where}: '{name}' has shape {got}, the model spec implies {list(shape)}")
+    if kind == "float":
+        if entry.get("scheme") is not None:
+            raise ArtifactError(f"{where}: float weight '{name}' carries a scheme")
+        return None
+    try:
+        return WeightScheme.from_dict(dict(entry.get("scheme") or {}))
+    except (ConfigError, TypeError) as e:
+        raise ArtifactError(f"{where}: '{name}' has an invalid scheme: {e}") from None
+
+
+def _label(scheme: WeightScheme | None) -> str:
+    return "float" if scheme is None else scheme.label()
+
+
 def build_skeleton(spec: ModelSpec, weights: Mapping[str, Mapping[str, Any]], *,
                    where: str = "weights", device: str | torch.device = "meta") -> CausalLM:
-    """CausalLM(spec) with the linears `weights` marks quantized replaced by QuantLinear.
+    """CausalLM(spec) with the linears `weights` marks quantized replaced by QuantLinear, and the
+    token embedding by a QuantEmbedding when `weights["embed"]` says so (absent: float).
 
     Checks the weight table against the spec on the way: same linear names, same shapes,
-    valid kinds and schemes. On "meta" nothing is allocated.
+    valid kinds and schemes; a tied lm_head has exactly the embedding's kind and scheme and is
+    built sharing its tensors. On "meta" nothing is allocated.
     """
     expected = ir.expected_linear_shapes(spec)
     missing = [n for n in expected if n not in weights]
-    extra = [n for n in weights if n not in expected]
+    extra = [n for n in weights if n not in expected and n != EMBED]
     if missing:
         raise ArtifactError(f"{where}: no entry for linear '{missing[0]}' that the model spec implies")
     if extra:
         raise ArtifactError(f"{where}: linear '{extra[0]}' is not part of the model spec")
+    V, H = spec.vocab_size, spec.hidden_size
     with torch.device(device):
         model = CausalLM(spec)
+        embed_scheme = None
+        if EMBED in weights:
+            embed_scheme = _entry_scheme(EMBED, weights[EMBED], (V, H), where)
+            if embed_scheme is not None:
+                ir.replace_module(model, EMBED, QuantEmbedding(H, V, embed_scheme))
         for name, (out_f, in_f) in expected.items():
-            entry = weights[name]
-            if not isinstance(entry, Mapping):
-                raise ArtifactError(f"{where}: entry for '{name}' is not an object")
-            kind, shape = entry.get("kind"), entry.get("shape")
-            if kind not in WEIGHT_KINDS:
-                raise ArtifactError(f"{where}: '{name}' has kind {kind!r}; "
-                                    f"valid: {', '.join(WEIGHT_KINDS)}")
-            if list(shape or ()) != [out_f, in_f]:
-                raise ArtifactError(f"{where}: '{name}' has shape {shape}, the model spec implies "
-                                    f"{[out_f, in_f]}")
-            if kind == "float":
-                if entry.get("scheme") is not None:
-                    raise ArtifactError(f"{where}: float linear '{name}' carries a scheme")
+            scheme = _entry_scheme(name, weights[name], (out_f, in_f), where)
+            if name == HEAD and spec.tie_embeddings:
+                if scheme != embed_scheme:
+                    raise ArtifactError(f"{where}: lm_head is tied to the embedding but is stored as "
+                                        f"{_label(scheme)}, the embedding as {_label(embed_scheme)}")
+                if scheme is not None:
+                    ir.replace_module(model, name, model.get_submodule(EMBED).tied_head())
                 continue
-            try:
-                scheme = WeightScheme.from_dict(dict(entry.get("scheme") or {}))
-            except (ConfigError, TypeError) as e:
-                raise ArtifactError(f"{where}: '{name}' has an invalid scheme: {e}") from None
+            if scheme is None:
+                continue
             old = model.get_submodule(name)
             ir.replace_module(model, name, QuantLinear(in_f, out_f, scheme, bias=old.bias is not None))
     return model
 
 
 def stored_state(model: nn.Module, spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """The persistent tensors an artifact stores: the state dict minus a tied lm_head."""
+    """The persistent tensors an artifact stores: the state dict minus a tied lm_head (its
+    tensors are the embedding's: `lm_head.weight`, or `lm_head.qweight/scales/zeros`)."""
     sd = model.state_dict()
     if spec.tie_embeddings:
-        sd.pop("lm_head.weight", None)
+        for k in [k for k in sd if k.startswith(HEAD + ".")]:
+            del sd[k]
     return sd
 
 

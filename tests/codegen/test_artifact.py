@@ -273,11 +273,11 @@ def test_edited_manifest_with_recomputed_digest_fails_shape_check(saved):
 @pytest.mark.parametrize("rehash", [True, False])
 def test_unsupported_format_version(saved, rehash):
     _, _, path = saved
-    _rewrite_manifest(path, lambda m: m.update(format_version=2), rehash=rehash)
+    _rewrite_manifest(path, lambda m: m.update(format_version=3), rehash=rehash)
     with pytest.raises(ArtifactError) as e:
         load_artifact(path)
     msg = _one_line_error(e)
-    assert "format version 2" in msg and "version 1" in msg and "manifest.json" in msg
+    assert "format version 3" in msg and "version 1, 2" in msg and "manifest.json" in msg
 
 
 def test_header_disagreeing_with_manifest(saved):
