@@ -19,7 +19,8 @@ from .compiler import ir
 from .compiler.context import CompileContext
 from .compiler.frontend import DEFAULT_MODEL, import_model
 from .compiler.manager import PassManager, Report
-from .compiler.recipe import Recipe, parse_kv_flag, parse_prune_flag, parse_weights_flag
+from .compiler.recipe import (Recipe, parse_budget_flags, parse_kv_flag, parse_prune_flag,
+                              parse_weights_flag)
 
 from .runtime.kvcache import KV_REPRESENTATIONS
 from .runtime.session import Session
@@ -55,9 +56,14 @@ def load(target: str | os.PathLike = DEFAULT_MODEL) -> Session:
 
 
 def resolve_recipe(recipe: Recipe | str | os.PathLike | None = None, weights: str | None = None,
-                   prune: str | None = None, kv: str | None = None) -> Recipe:
+                   prune: str | None = None, kv: str | None = None, *,
+                   weight_budget: str | int | None = None,
+                   weight_bits: float | None = None) -> Recipe:
     """A Recipe object, a preset name, or a TOML path (default preset: int4); then shorthands
-    (`weights="rtn:4:g128"`, `prune="flap:0.2"` / `"layers:4"`), each replacing its stage."""
+    (`weights="rtn:4:g128"`, `prune="flap:0.2"` / `"layers:4"`), each replacing its stage.
+    `weight_budget` (total weight bytes: an int or "60MB") or `weight_bits` (average bits per
+    quantized weight) make the weight stage a mixed-precision plan, `weights` then names its
+    quantizer only (`"hqq"`)."""
     if isinstance(recipe, Recipe):
         r = recipe
     elif recipe is None:
@@ -66,22 +72,36 @@ def resolve_recipe(recipe: Recipe | str | os.PathLike | None = None, weights: st
         r = Recipe.from_file(recipe)
     else:
         r = Recipe.preset(str(recipe))
-    if weights:
+    if weight_budget is not None or weight_bits is not None:
+        r = r.replace_stage(parse_budget_flags(weights, weight_budget, weight_bits))
+    elif weights:
         r = r.replace_stage(parse_weights_flag(weights))
     if prune:
         r = r.replace_stage(parse_prune_flag(prune))
-    if kv:  # `kivi2` / `kivi4`: replaces the kv stage (assign_kv)
-        r = r.replace_stage(parse_kv_flag(kv))
+    if kv:  # `kivi2` / `kivi4`: replaces the kv stage (assign_kv); `:hv` adds rotate_v
+        from .passes.assign_kv import with_kv_passes
+        r = with_kv_passes(r, parse_kv_flag(kv))
     return r
 
 
 def optimize(model: str | os.PathLike = DEFAULT_MODEL, recipe: Recipe | str | os.PathLike | None = None,
              *, weights: str | None = None, prune: str | None = None, kv: str | None = None,
+             weight_budget: str | int | None = None, weight_bits: float | None = None,
              calib: str | os.PathLike | None = None,
              out: str | os.PathLike | None = None,
-             on_pass: Callable[[int, int, str], None] | None = None) -> CompileResult:
-    """Import `model`, run the recipe's passes (verified after each), optionally write an artifact."""
-    r = resolve_recipe(recipe, weights, prune, kv)
+             on_pass: Callable[[int, int, str], None] | None = None,
+             on_layer: Callable[[int, int, dict], None] | None = None) -> CompileResult:
+    """Import `model`, run the recipe's passes (verified after each), optionally write an artifact.
+
+    `weight_budget="60MB"` (total weight bytes after compression) or `weight_bits=3.5` plan
+    mixed precision (see docs/recipes.md); `on_layer(layer, n_layers, stats)` is given to every
+    pass with a per-layer progress hook (calibrated quantizers, mixed-precision sensitivity)."""
+    r = resolve_recipe(recipe, weights, prune, kv, weight_budget=weight_budget,
+                       weight_bits=weight_bits)
+    if on_layer is not None:
+        for p in r.passes:
+            if hasattr(p, "on_layer"):
+                p.on_layer = on_layer
     calib_text = data.read_text(calib) if calib is not None else data.calibration_text()
     imported = import_model(model)
     gm = ir.build(imported.spec, imported.state_dict)
@@ -100,8 +120,15 @@ def optimize(model: str | os.PathLike = DEFAULT_MODEL, recipe: Recipe | str | os
     return result
 
 
+def _scheme_label(mod) -> str:
+    scheme = getattr(mod, "scheme", None)
+    return "fp32" if scheme is None else scheme.label()
+
+
 def inspect(target: str | os.PathLike = DEFAULT_MODEL) -> dict:
-    """Per-layer structure, weight bytes and schemes, KV bytes per token; plus totals."""
+    """Per-layer structure, weight bytes and schemes, KV bytes per token; plus totals; every
+    linear's format; for a mixed-precision artifact its plan with predicted vs measured bytes."""
+    from .quant.mixed import linear_formats, plan_summary
     manifest = None
     if is_artifact(target):
         from .codegen import load_artifact
@@ -128,7 +155,11 @@ def inspect(target: str | os.PathLike = DEFAULT_MODEL) -> dict:
                        "embedding_and_head_bytes": other,
                        "kv_bytes_per_token": sum(l["kv_bytes_per_token"] for l in layers),
                        "n_layers": spec.n_layers, "vocab_size": spec.vocab_size,
-                       "hidden_size": spec.hidden_size, "tie_embeddings": spec.tie_embeddings},
+                       "hidden_size": spec.hidden_size, "tie_embeddings": spec.tie_embeddings,
+                       "embedding": _scheme_label(gm.get_submodule("embed")),
+                       "lm_head": _scheme_label(gm.get_submodule("lm_head"))},
+            "linears": linear_formats(gm),
+            "mixed": plan_summary(manifest, gm),
             "manifest": None if manifest is None else {
                 "format_version": manifest.get("format_version"), "source": manifest.get("source"),
                 "passes": [p.get("name") for p in (manifest.get("report") or {}).get("passes", [])]}}

@@ -93,30 +93,52 @@ TARGET_HELP = "An artifact directory, or anything MODEL accepts."
 @click.option("--preset", help="Named recipe shipped with mcomp (default: int4).")
 @click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False),
               help="Recipe TOML file (see docs/recipes.md).")
-@click.option("--weights", help="Weight quantization shorthand METHOD:BITS[:gGROUP], e.g. rtn:4:g128, "
-              "rtn:8 (per-channel), rtn:4:pc. Replaces the recipe's weight pass.")
+@click.option("--weights", help="Weight quantization shorthand METHOD:BITS[:gGROUP][:emb[BITS[gGROUP]]], "
+              "e.g. rtn:4:g128, rtn:8 (per-channel), rtn:4:pc; a suffix :emb8 (or :emb, :emb4g64) also "
+              "quantizes the token embedding and a tied lm_head with it (one shared table). "
+              "Replaces the recipe's weight pass. With --weight-budget "
+              "or --weight-bits: a bare METHOD (rtn, hqq, gptq, awq) choosing the quantizer.")
+@click.option("--weight-budget", metavar="SIZE", help="Mixed precision: total weight bytes of the "
+              "result (embedding, norms, fp lm_head included), e.g. 60MB, 57.5MiB; per linear the "
+              "format with the least measured damage that fits. Default quantizer: rtn.")
+@click.option("--weight-bits", type=float, metavar="BITS", help="Mixed precision: average bits per "
+              "quantized weight, scales and zeros counted, e.g. 3.5.")
 @click.option("--prune", help="Structured pruning shorthand METHOD:RATIO (share of non-embedding "
-              "parameters removed), e.g. flap:0.2, wanda-sp:0.3, magnitude:0.2; or layers:N to remove "
-              "N whole blocks. Replaces the recipe's prune stage.")
+              "parameters removed), e.g. flap:0.2, wanda-sp:0.3, magnitude:0.2; METHOD:SIZE for the "
+              "weight bytes to end at, e.g. flap:400MB; or layers:N to remove N whole blocks. "
+              "Replaces the recipe's prune stage.")
 @click.option("--kv", "kv", help="KV-cache shorthand: kivi2 (K/V 2-bit, group 32, 128 fp residual "
-              "tokens), kivi4, kivi8, options :gN :rN :sN (sink) :kt (per-token keys), or dense. "
-              "Replaces the recipe's kv stage (assign_kv).")
+              "tokens), kivi4, kivi8, options :gN :rN :sN (sink) :kt (per-token keys) :hk (Hadamard "
+              "key rotation) :hv (Hadamard V rotation folded into the weights), or dense. "
+              "Replaces the recipe's kv stage (assign_kv, plus rotate_v for :hv).")
 @click.option("--calib", type=click.Path(dir_okay=False), help="Calibration text file (default: embedded Austen sample).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Artifact directory to write "
               "(default: out/<model>-<recipe>).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def optimize(model, preset, recipe_file, weights, prune, kv, calib, out_dir, as_json):
+def optimize(model, preset, recipe_file, weights, weight_budget, weight_bits, prune, kv, calib,
+             out_dir, as_json):
     """Import MODEL, run a verified pass pipeline, write an artifact and print its report."""
     from .. import api
     if preset and recipe_file:
         raise click.UsageError("give --preset or --recipe, not both")
-    recipe = api.resolve_recipe(recipe_file or preset, weights, prune, kv)
+    recipe = api.resolve_recipe(recipe_file or preset, weights, prune, kv,
+                                weight_budget=weight_budget, weight_bits=weight_bits)
     if out_dir is None:
         stem = model if model in BUILTIN_MODELS else __import__("pathlib").Path(model).stem
         out_dir = f"out/{stem}-{recipe.name.replace('+', '-')}"
     with _progress("optimize", enabled=not as_json) as update:
-        result = api.optimize(model, recipe, calib=calib, out=out_dir,
-                              on_pass=lambda i, n, name: update(i, n, name))
+        at = {"i": 0, "n": 0, "name": ""}     # the running pass, for per-layer progress text
+
+        def on_pass(i, n, name):
+            at.update(i=i, n=n, name=name)
+            update(i, n, name)
+
+        def on_layer(layer, n_layers, stats):
+            phase = stats.get("phase", "layer")
+            update(at["i"], at["n"], f"{at['name']}: {phase} {layer + 1}/{n_layers}")
+
+        result = api.optimize(model, recipe, calib=calib, out=out_dir, on_pass=on_pass,
+                              on_layer=on_layer)
     rep = result.report.to_dict()
     if as_json:
         out.print_json(json.dumps({"artifact": str(result.artifact), "recipe": recipe.to_dict(),
@@ -135,6 +157,15 @@ def optimize(model, preset, recipe_file, weights, prune, kv, calib, out_dir, as_
     lb, la = rep["linear_bytes_before"], rep["linear_bytes_after"]
     out.print(f"weights {_mb(rep['weight_bytes_before'])} → {_mb(rep['weight_bytes_after'])}; "
               f"decoder linears {_mb(lb)} → {_mb(la)} ({100 * la / max(lb, 1):.1f}%)")
+    mixed = next((p["stats"] for p in rep["passes"] if p["name"] == "quantize_weights_mixed"), None)
+    if mixed:
+        sens = mixed["sensitivity"]
+        formats = ", ".join(f"{n}× {f}" for f, n in sorted(mixed["formats"].items()))
+        took = "from cache" if sens["cached"] else f"in {sens['seconds']:.1f}s"
+        out.print(f"mixed plan ({mixed['method']}, {sens['measure']} sensitivity {took}): {formats}; "
+                  f"{mixed['avg_bits']:.3f} bits/weight; weights predicted "
+                  f"{mixed['predicted_weight_bytes']:,} B, measured {mixed['measured_weight_bytes']:,} B "
+                  "(`mcomp inspect` for the table)")
     out.print(f"artifact: [bold]{result.artifact}[/bold]  (probe drift measured on the embedded "
               f"evaluation text; run `mcomp eval {result.artifact} --base {model}` for KL/perplexity)")
 
@@ -171,7 +202,7 @@ def run(target, prompt, max_new_tokens, temperature, top_p, seed):
               help="Text tokens to consume at most [default: 16384; 1024 with --streaming/--quantized-prefill].")
 @click.option("--base", help="Base model/artifact: also report KL divergence and top-1 agreement against it.")
 @click.option("--kv", "kv", help="Apply a KV-cache scheme to TARGET first (kivi2, kivi4, kivi8, "
-              "options :gN :rN :sN :kt, or dense); evaluate it with --streaming.")
+              "options :gN :rN :sN :kt :hk :hv, or dense); evaluate it with --streaming.")
 @click.option("--streaming", is_flag=True, help="Token-by-token decode through the real KV cache "
               "(slow; default 1024 tokens). Reports KL/top-1 against the same model without a cache.")
 @click.option("--quantized-prefill", is_flag=True, help="One forward per window in quantize-before-"
@@ -194,8 +225,8 @@ def eval_(target, data_file, ctx, max_tokens, base, kv, streaming, quantized_pre
     text = data.read_text(data_file) if data_file else data.evaluation_text()
     session = api.load(target)
     if kv:
-        from ..passes.assign_kv import apply_kv, kv_shorthand
-        apply_kv(session.gm, kv_shorthand(kv))
+        from ..passes.assign_kv import apply_kv_flag
+        apply_kv_flag(session.gm, kv)   # `:hv` also rotates V in the (float) weights
         session.spec = session.gm.meta["mcomp.spec"]
         if not kv_mode:
             err.print("[yellow]note:[/yellow] --kv without --streaming/--quantized-prefill: plain "
@@ -242,11 +273,45 @@ def inspect(target, as_json):
                   str(l["ffn"]), str(l["window"] or "-"), _mb(l["weight_bytes"]),
                   ", ".join(l["schemes"]), f"{l['kv_bytes_per_token']} ({l['kv']})")
     out.print(t)
+    if info.get("mixed"):
+        _print_plan(info["mixed"])
     tot = info["totals"]
     out.print(f"total weights {_mb(tot['weight_bytes'])} (decoder linears "
               f"{_mb(tot['linear_weight_bytes'])}, embedding/head/norms "
               f"{_mb(tot['embedding_and_head_bytes'])}); KV cache {tot['kv_bytes_per_token']} bytes/token "
               f"({tot['kv_bytes_per_token'] * 2048 / 1e6:.1f} MB at 2048 tokens)")
+    head = "tied (shares the table)" if tot["tie_embeddings"] else tot["lm_head"]
+    out.print(f"embedding {tot['embedding']}; lm_head {head}")
+
+
+def _print_plan(mixed: dict) -> None:
+    """Per-layer format table of a mixed-precision artifact (one column per linear role)."""
+    rows = mixed["plan"]
+    roles = list(dict.fromkeys(r["role"] for r in rows))
+    by_layer: dict = {}
+    for r in rows:
+        by_layer.setdefault(r["layer"], {})[r["role"]] = r
+    t = Table(title=f"mixed-precision plan ({mixed.get('method') or 'read from the modules'})",
+              title_justify="left")
+    t.add_column("layer", justify="right")
+    for role in roles:
+        t.add_column(role, justify="left")
+    t.add_column("bytes", justify="right")
+    for layer, cells in by_layer.items():
+        t.add_row("head" if layer is None else str(layer),
+                  *[cells[r]["format"] if r in cells else "" for r in roles],
+                  _mb(sum(c["bytes"] for c in cells.values())))
+    out.print(t)
+    formats = ", ".join(f"{n}× {f}" for f, n in sorted(mixed["formats"].items()))
+    pred = mixed.get("predicted_weight_bytes")
+    line = f"formats: {formats}; weights measured {mixed['measured_weight_bytes']:,} B"
+    if pred is not None:
+        target = mixed.get("target") or {}
+        goal = (f"{target['budget_bytes']:,} B" if target.get("budget_bytes")
+                else f"{target.get('avg_bits')} bits/weight")
+        line += (f", predicted {pred:,} B (target {goal}; the plan has {mixed['avg_bits']:.3f} "
+                 "bits/weight)")
+    out.print(line)
 
 
 # ----------------------------------------------------------------------------- bench

@@ -37,9 +37,9 @@ from ..compiler import ir
 from ..compiler.model import LayerNorm, RMSNorm
 from ..compiler.passes import Pass, PassResult, register_pass
 from . import primitives as P
-from .common import (LayerProgress, WeightQuantConfig, _positive, bias_of, calibrated_walk,
-                     from_weight, output_error, relative_output_error, rtn_dequantized,
-                     rtn_grid)
+from .common import (LayerProgress, PerLinearSchemes, WeightQuantConfig, _positive, bias_of,
+                     calibrated_walk, from_weight, output_error, relative_output_error,
+                     rtn_dequantized, rtn_grid)
 from .scheme import QUANTIZERS, WeightScheme
 
 
@@ -136,23 +136,22 @@ def search_scale(weights: list[torch.Tensor], H: torch.Tensor, x_abs: torch.Tens
 
 
 @register_pass
-class QuantizeWeightsAWQ(Pass):
+class QuantizeWeightsAWQ(PerLinearSchemes, Pass):
     name = "quantize_weights_awq"
     Config = AWQConfig
     exact = False
     stage = "weights"
     on_layer: LayerProgress | None = None   # progress hook (layer, n_layers, stats), per instance
 
-    def _quantize(self, lin: nn.Linear, H: torch.Tensor | None):
+    def _quantize(self, lin: nn.Linear, H: torch.Tensor | None, scheme: WeightScheme):
         cfg: AWQConfig = self.config
         w = lin.weight.detach().float()
-        s, z = rtn_grid(w, cfg.scheme(), cfg.integer_zero, H,
+        s, z = rtn_grid(w, scheme, cfg.integer_zero, H,
                         cfg.clip_grid if cfg.clip_search else 0, cfg.min_clip)
-        return from_weight(w, s, z, cfg.scheme(), bias_of(lin))
+        return from_weight(w, s, z, scheme, bias_of(lin))
 
     def run(self, gm, ctx) -> PassResult:
         cfg: AWQConfig = self.config
-        scheme = cfg.scheme()
 
         def handle(layer, groups, stats):
             plan = []
@@ -160,12 +159,16 @@ class QuantizeWeightsAWQ(Pass):
                 st = stats[group[0].args[0]]
                 H = st.hessian
                 ws = [gm.get_submodule(n.target).weight.detach().float() for n in group]
-                rtn_err = [relative_output_error(w, rtn_dequantized(w, scheme, cfg.integer_zero), H)
-                           for w in ws]               # plain RTN on the unscaled layer
+                schemes = [self.scheme_of(n) for n in group]
+                rtn_err = [relative_output_error(w, rtn_dequantized(w, sc, cfg.integer_zero), H)
+                           for w, sc in zip(ws, schemes)]   # plain RTN on the unscaled layer
                 site = fold_site(gm, group)
                 info: dict = {"alpha": None}
                 if site is not None:
-                    s, alpha, _ = search_scale(ws, H, st.abs_mean, scheme, cfg.n_grid,
+                    # one shared scale per group: a mixed plan that splits a group (unfused
+                    # q/k/v) searches it on the group's narrowest format, the most damaged one
+                    coarsest = min(schemes, key=lambda sc: sc.bits)
+                    s, alpha, _ = search_scale(ws, H, st.abs_mean, coarsest, cfg.n_grid,
                                                cfg.integer_zero)
                     apply_scale(gm, site, group, s)
                     H = H / (s[:, None] * s[None, :])  # the linears now read x / s
@@ -174,13 +177,14 @@ class QuantizeWeightsAWQ(Pass):
             for group, H, info, rtn_err in plan:      # 2. quantize on the scaled inputs
                 for node, r in zip(group, rtn_err):
                     lin = gm.get_submodule(node.target)
-                    qmod = self._quantize(lin, H)
+                    qmod = self._quantize(lin, H, self.scheme_of(node))
                     # ‖X'W'ᵀ − X'Ŵᵀ‖ with X' = X/s, W' = W·diag(s): the error in the model
                     err = relative_output_error(lin.weight.detach().float(), qmod.dequantize(), H)
                     yield node, qmod, {**info, "out_err": round(err, 6), "rtn_out_err": round(r, 6)}
 
         def fallback(node):   # lm_head lies outside the layer segments: weight-only RTN + clip
-            return self._quantize(gm.get_submodule(node.target), None), {"method": "rtn"}
+            lin = gm.get_submodule(node.target)
+            return self._quantize(lin, None, self.scheme_of(node)), {"method": "rtn"}
 
         stats = calibrated_walk(gm, ctx, cfg, self.name, handle, fallback, False, self.on_layer)
         return PassResult(gm, stats)

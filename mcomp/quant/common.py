@@ -3,7 +3,9 @@
 - `WeightQuantConfig`: the fields every quantizer config has (bits, group, symmetry, scale dtype,
   skip lists), validated once; each method's config subclasses it.
 - `quantizable_linears` / `install`: which linear nodes a pass may replace (and why the others
-  are skipped), and the replacement itself (unties a quantized tied lm_head).
+  are skipped), and the replacement itself (unties a quantized tied lm_head whose embedding
+  stays float). `Installer.embedding` quantizes the token embedding when the config asks
+  (`embedding_bits`); a tied head then shares the quantized table (quant/embedding.py).
 - `InputStats` / `collect_input_stats`: per shared input of a layer's linears, the fp32 Hessian
   H = 2·XᵀX/n and the mean |x| per channel, accumulated over calibration batches through
   `LayerwiseRunner.observe` (q/k/v, gate/up or the fused qkv/gate_up read one input, so they
@@ -15,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterable
+from typing import Callable, ClassVar, Iterable, Mapping
 
 import torch
 from torch import fx, nn
@@ -24,6 +26,7 @@ from ..compiler import ir
 from ..compiler.passes import PassConfig
 from ..errors import ConfigError
 from . import primitives as P
+from .embedding import quantize_embedding
 from .linear import QuantLinear
 from .scheme import SUPPORTED_BITS, WeightScheme
 
@@ -44,19 +47,59 @@ class WeightQuantConfig(PassConfig):
     scale_dtype: str = "float16"
     skip_roles: tuple[str, ...] = ("lm_head",)   # the embedding is never a linear here
     skip_layers: tuple[int, ...] = ()
+    # Token embedding: 0 keeps the fp table; else it is quantized at these bits (group: the
+    # linears' group_size unless given; symmetry and scale dtype: the linears'). Its grid comes
+    # from `embedding_grid`, calibration-free for every method: an embedding has no input
+    # activations to calibrate on. With tied embeddings the lm_head follows the table (one
+    # shared quantized table), whatever skip_roles says.
+    embedding_bits: int = 0
+    embedding_group_size: int | None = None
+    embedding_method: ClassVar[str] = "rtn"       # which core fits the embedding's grid
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"{self.method}: bits={self.bits}; choose one of {SUPPORTED_BITS}")
+        if self.embedding_bits and self.embedding_bits not in SUPPORTED_BITS:
+            raise ConfigError(f"{self.method}: embedding_bits={self.embedding_bits}; choose 0 "
+                              f"(float) or one of {SUPPORTED_BITS}")
         unknown = set(self.skip_roles) - set(ir.LINEAR_ROLES)
         if unknown:
             raise ConfigError(f"{self.method}: unknown skip role(s) {sorted(unknown)}; "
                               f"valid: {', '.join(ir.LINEAR_ROLES)}")
         self.scheme()  # validates group size / scale dtype
+        self.embedding_scheme()
 
     def scheme(self) -> WeightScheme:
         return WeightScheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
                             scale_dtype=self.scale_dtype, method=self.method)
+
+    def embedding_scheme(self) -> WeightScheme | None:
+        """The token embedding's scheme, or None when it stays float."""
+        if not self.embedding_bits:
+            return None
+        g = self.group_size if self.embedding_group_size is None else self.embedding_group_size
+        return WeightScheme(bits=self.embedding_bits, group_size=g, symmetric=self.symmetric,
+                            scale_dtype=self.scale_dtype, method=self.embedding_method)
+
+    def embedding_grid(self, w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) (V, G) of the embedding table w (V, H). Plain RTN here, on the config's
+        integer-zero convention where it has one (GPTQ, AWQ); RTN and HQQ override it with
+        their own cores."""
+        return P.rtn_params(w, scheme, integer_zero=getattr(self, "integer_zero", True))
+
+
+class PerLinearSchemes:
+    """Mixin of the quantizer passes: which scheme each linear gets. A uniform plan (the default)
+    uses the config's scheme everywhere; a mixed-precision plan (quant/mixed.py) sets `schemes`
+    on the instance, a node target → scheme map (torchao's per-layer name → config map), and runs
+    the same pass, so every method quantizes mixed plans with its own code."""
+
+    schemes: Mapping[str, WeightScheme] | None = None
+
+    def scheme_of(self, node: fx.Node) -> WeightScheme:
+        if self.schemes is not None and node.target in self.schemes:
+            return self.schemes[node.target]
+        return self.config.scheme()
 
 
 def _positive(cfg, **fields) -> None:
@@ -74,7 +117,9 @@ def quantizable_linears(gm: fx.GraphModule, cfg: WeightQuantConfig,
         info = node.meta["mcomp"]
         mod = gm.get_submodule(node.target)
         if not isinstance(mod, nn.Linear):
-            skipped.append({"node": node.target, "reason": "already quantized"})
+            tied = info.role == "lm_head" and ir.get_spec(gm).tie_embeddings
+            skipped.append({"node": node.target, "reason": "tied to the quantized embedding"
+                            if tied else "already quantized"})
         elif info.role in cfg.skip_roles or info.layer in cfg.skip_layers:
             skipped.append({"node": node.target, "reason": "skip list"})
         else:
@@ -89,6 +134,14 @@ class Installer:
         self.gm = gm
         self.spec = ir.get_spec(gm)
         self.done = self.fp_bytes = self.packed_bytes = 0
+        self.embedding_stats: dict | None = None
+
+    def embedding(self, cfg: WeightQuantConfig) -> None:
+        """Quantize the token embedding if `cfg` asks. Call it before `quantizable_linears`: a
+        tied head then already shares the quantized table and the linear walk skips it."""
+        scheme = cfg.embedding_scheme()
+        if scheme is not None:
+            self.embedding_stats = quantize_embedding(self.gm, scheme, cfg.embedding_grid)
 
     def __call__(self, node: fx.Node, qmod: QuantLinear) -> None:
         mod = self.gm.get_submodule(node.target)
@@ -103,6 +156,8 @@ class Installer:
     def finish(self, scheme: WeightScheme, skipped: list, **extra) -> dict:
         ir.set_spec(self.gm, self.spec)
         self.gm.recompile()
+        if self.embedding_stats is not None:
+            extra["embedding"] = self.embedding_stats
         return {"scheme": scheme.label(), "quantized": self.done, "skipped": skipped,
                 "fp_bytes": self.fp_bytes, "packed_bytes": self.packed_bytes, **extra}
 
@@ -248,6 +303,7 @@ def calibrated_walk(gm: fx.GraphModule, ctx, cfg: WeightQuantConfig, pass_name: 
         raise ConfigError(f"{pass_name} calibrates: it needs a CompileContext with calibration text")
     skipped: list = []
     install = Installer(gm)
+    install.embedding(cfg)   # calibration-free (RTN core): an embedding has no input activations
     nodes = quantizable_linears(gm, cfg, skipped)
     wanted = set(nodes)
     runner = LayerwiseRunner(gm, ctx.calibration_batches())

@@ -33,8 +33,8 @@ from torch import nn
 from ..compiler.passes import Pass, PassResult, register_pass
 from ..errors import ConfigError
 from . import primitives as P
-from .common import (LayerProgress, WeightQuantConfig, _positive, bias_of, calibrated_walk,
-                     from_weight, relative_output_error, rtn_dequantized)
+from .common import (LayerProgress, PerLinearSchemes, WeightQuantConfig, _positive, bias_of,
+                     calibrated_walk, from_weight, relative_output_error, rtn_dequantized)
 from .linear import QuantLinear
 from .scheme import QUANTIZERS, WeightScheme
 
@@ -119,22 +119,25 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, *,
     return codes[:, inv], scale, zero
 
 
-def quantize_linear(lin: nn.Linear, H: torch.Tensor, cfg: GPTQConfig) -> QuantLinear:
-    codes, s, z = gptq_quantize(lin.weight, H, cfg.scheme(), percdamp=cfg.percdamp,
+def quantize_linear(lin: nn.Linear, H: torch.Tensor, cfg: GPTQConfig,
+                    scheme: WeightScheme | None = None) -> QuantLinear:
+    scheme = scheme or cfg.scheme()
+    codes, s, z = gptq_quantize(lin.weight, H, scheme, percdamp=cfg.percdamp,
                                 block_size=cfg.block_size, act_order=cfg.act_order,
                                 integer_zero=cfg.integer_zero)
-    return QuantLinear.from_codes(codes, s, z, cfg.scheme(), bias_of(lin))
+    return QuantLinear.from_codes(codes, s, z, scheme, bias_of(lin))
 
 
-def rtn_fallback(lin: nn.Linear, cfg: GPTQConfig) -> QuantLinear:
+def rtn_fallback(lin: nn.Linear, cfg: GPTQConfig, scheme: WeightScheme | None = None) -> QuantLinear:
     """The same grid without calibration, for linears outside the layer segments (lm_head)."""
+    scheme = scheme or cfg.scheme()
     w = lin.weight.detach().float()
-    s, z = P.rtn_params(w, cfg.scheme(), integer_zero=cfg.integer_zero)
-    return from_weight(w, s, z, cfg.scheme(), bias_of(lin))
+    s, z = P.rtn_params(w, scheme, integer_zero=cfg.integer_zero)
+    return from_weight(w, s, z, scheme, bias_of(lin))
 
 
 @register_pass
-class QuantizeWeightsGPTQ(Pass):
+class QuantizeWeightsGPTQ(PerLinearSchemes, Pass):
     name = "quantize_weights_gptq"
     Config = GPTQConfig
     exact = False
@@ -149,15 +152,17 @@ class QuantizeWeightsGPTQ(Pass):
                 H = stats[group[0].args[0]].hessian
                 for node in group:
                     lin = gm.get_submodule(node.target)
-                    qmod = quantize_linear(lin, H, cfg)
+                    scheme = self.scheme_of(node)
+                    qmod = quantize_linear(lin, H, cfg, scheme)
                     w = lin.weight.detach().float()
                     row = {"out_err": round(relative_output_error(w, qmod.dequantize(), H), 6),
                            "rtn_out_err": round(relative_output_error(
-                               w, rtn_dequantized(w, cfg.scheme(), cfg.integer_zero), H), 6)}
+                               w, rtn_dequantized(w, scheme, cfg.integer_zero), H), 6)}
                     yield node, qmod, row
 
         def fallback(node):   # lm_head lies outside the layer segments: RTN on the same grid
-            return rtn_fallback(gm.get_submodule(node.target), cfg), {"method": "rtn"}
+            lin = gm.get_submodule(node.target)
+            return rtn_fallback(lin, cfg, self.scheme_of(node)), {"method": "rtn"}
 
         stats = calibrated_walk(gm, ctx, cfg, self.name, handle, fallback,
                                 cfg.true_sequential, self.on_layer)

@@ -14,8 +14,8 @@ from torch import nn
 
 from ..compiler.passes import Pass, PassResult, register_pass
 from . import primitives as P
-from .common import (Installer, WeightQuantConfig, bias_of, from_weight, quantizable_linears,
-                     rtn_grid)
+from .common import (Installer, PerLinearSchemes, WeightQuantConfig, bias_of, from_weight,
+                     quantizable_linears, rtn_grid)
 from .linear import QuantLinear
 from .scheme import QUANTIZERS, WeightScheme
 
@@ -28,6 +28,10 @@ class RTNConfig(WeightQuantConfig):
     # 4088 tokens, g128: int4 ppl 49.8 vs 61.6 with a float zero, int3 141 vs 451 (see
     # docs/benchmarks.md). A float zero only wins where it can reproduce a Q4_1 grid (g32).
     integer_zero: bool = True
+
+    def embedding_grid(self, w: torch.Tensor, scheme: WeightScheme):
+        return (clip_search(w, scheme, self.integer_zero) if self.clip_search
+                else P.rtn_params(w, scheme, integer_zero=self.integer_zero))
 
 
 def clip_search(w: torch.Tensor, scheme: WeightScheme, integer_zero: bool = True,
@@ -45,7 +49,7 @@ def quantize_linear(lin: nn.Linear, scheme: WeightScheme, search: bool = False,
 
 
 @register_pass
-class QuantizeWeightsRTN(Pass):
+class QuantizeWeightsRTN(PerLinearSchemes, Pass):
     name = "quantize_weights_rtn"
     Config = RTNConfig
     exact = False
@@ -56,9 +60,10 @@ class QuantizeWeightsRTN(Pass):
         scheme = cfg.scheme()
         skipped: list = []
         install = Installer(gm)
+        install.embedding(cfg)
         for node in quantizable_linears(gm, cfg, skipped):
             mod = gm.get_submodule(node.target)
-            install(node, quantize_linear(mod, scheme, cfg.clip_search, cfg.integer_zero))
+            install(node, quantize_linear(mod, self.scheme_of(node), cfg.clip_search, cfg.integer_zero))
         return PassResult(gm, install.finish(scheme, skipped))
 
 
