@@ -7,10 +7,12 @@ Tolerances:
   q·(s⊙k_q + m), split-softmax merge, polynomial exp with ~2e-7 relative error): observed max
   error ≤ 1e-5 over these shapes. A zero point off
   by one code step moves outputs by ~1e-2, two orders above the tolerance (negative test).
-- quantize-before-attend prefill vs streaming decode through a tiny model: atol = rtol = 5e-4 on
-  logits of magnitude ~7 (observed max 1.8e-4). Same quantized state; batched vs one-token
-  matmuls differ by ~1e-7 in K/V, which can flip a code that sits on a 2-bit rounding boundary.
-  A semantic difference (a key quantized one step too early/late) moves logits by > 1e-2.
+- quantize-before-attend prefill vs streaming decode through a tiny model: atol = rtol = 1.5e-3
+  on logits of magnitude ~7. Same quantized state; batched vs one-token matmuls differ by ~1e-7
+  in K/V, which can flip a code that sits on a 2-bit rounding boundary: over 8 model seeds × the
+  4 settings the largest resulting difference was 5.6e-4 (typically 2e-5–3e-4). A semantic
+  difference (a key quantized one step too early/late, or fp attention inside the chunk, the
+  negative check) moves logits by > 1e-2.
 - 8-bit KIVI vs full-precision attention: |Δlogit| ≤ 2% of the logit range (8-bit steps are
   range/255 per group; errors average out through softmax).
 """
@@ -227,6 +229,23 @@ def test_kernel_head_dims_and_groups(D, G):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits", [(2, 2), (4, 4), (8, 8), (2, 8), (4, 2)])
+@pytest.mark.parametrize("D,G,rep", [(64, 32, 3), (64, 16, 1), (256, 32, 4), (128, 64, 5),
+                                     (64, 32, 9)])
+def test_simd_kernel_shapes_match_reference(bits, D, G, rep):
+    """The AVX-512 block kernels run when G % 16 == 0 and D, gv are multiples of 16 (the shapes
+    above; the small shapes of test_kernel_matches_reference take the generic loops). rep 5 and
+    9 cover the chunking of the GQA group into register blocks of 4 heads; masks skip whole
+    blocks and single columns; batch 2 with per-row masks."""
+    kv = kivi(kb=bits[0], vb=bits[1], g=G, r=16, sink=3)
+    n = 3 + 4 * G + 21                    # sink, 4 blocks, partial residual
+    c, q = fill(kv, 2, rep, n, seed=D + G + rep, H=2, D=D)
+    for mask in (None, random_mask(2, n, n), random_mask(2, n, n + 1, window=G + 30)):
+        torch.testing.assert_close(ka.decode(c, q, D ** -0.5, mask),
+                                   reference_decode(c, q, D ** -0.5, mask), atol=ATOL, rtol=RTOL)
+
+
+@needs_kernel
 def test_tolerance_catches_wrong_zero_point():
     kv = kivi(4, g=8, r=8)
     c, q = fill(kv, 1, 3, 120, seed=3)
@@ -234,7 +253,7 @@ def test_tolerance_catches_wrong_zero_point():
     bad = copy.deepcopy(c)
     nb = bad.n_q // bad.G
     bad.km[:, :, :nb] += bad.ks[:, :, :nb]        # zero point off by one code in every K block
-    bad.vm[:, :, :bad.n_q] += bad.vs[:, :, :bad.n_q]  # and in every V group
+    bad.vm[:, :, :nb] += bad.vs[:, :, :nb]        # and in every V group
     out = ka.decode(bad, q, 0.25, None)
     assert (out - ref).abs().max() > 20 * ATOL
     with pytest.raises(AssertionError):
@@ -321,7 +340,7 @@ def test_quantize_before_attend_prefill_equals_streaming(window, prefill):
     ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(1))
     streamed = stream_logits(gm, ids)
     qba = stream_logits(gm, ids, quantize_before_attend=True, prefill=prefill)
-    torch.testing.assert_close(qba, streamed, atol=5e-4, rtol=5e-4)
+    torch.testing.assert_close(qba, streamed, atol=1.5e-3, rtol=1.5e-3)
     # plain prefill (fp attention inside the chunk) does not see the compression
     plain = stream_logits(gm, ids, prefill=40)
     assert (plain - streamed).abs().max() > 1e-2
@@ -358,3 +377,40 @@ def test_session_streaming_perplexity_modes_agree():
     assert dense["kld"] < 1e-8 and dense["ppl"] == pytest.approx(dense["base_ppl"], rel=1e-5)
     with pytest.raises(ConfigError):
         s.streaming_perplexity(ids, ctx=33, mode="nope")
+
+
+# ----------------------------------------------------------------------------- sliding window
+
+
+def _stream_state(gm, ids):
+    """Token-by-token decode from the first token; (logits (B, T, V), the AttentionState)."""
+    B, T = ids.shape
+    state = AttentionState(ir.get_spec(gm), B)
+    outs = []
+    with torch.inference_mode():
+        for t in range(T):
+            pos = torch.full((B, 1), t)
+            state.begin(pos)
+            outs.append(gm(ids[:, t:t + 1], pos, state))
+    return torch.cat(outs, 1), state
+
+
+@pytest.mark.parametrize("force_reference", [False, True])
+@pytest.mark.parametrize("sink", [0, 2])
+def test_sliding_window_eviction_is_exact_and_bounds_the_cache(force_reference, sink, monkeypatch):
+    """Local layers drop store blocks that left the window: the logits are those of a cache
+    that keeps everything (masked), to fp32 reassociation (atol 1e-5: the kernel's sequence
+    splits fall differently), and the local layer holds ≤ window + G store tokens."""
+    window, G = 6, 4
+    gm = kivi_gm(kivi(2, g=G, r=4, sink=sink), window=window)   # layer 1 local, layer 0 global
+    ids = torch.randint(3, 128, (2, 48), generator=torch.Generator().manual_seed(5))
+    with kernels.reference_mode(force_reference):
+        got, state = _stream_state(gm, ids)
+        monkeypatch.setattr(KIVICache, "evict", False)
+        kept, kept_state = _stream_state(gm, ids)
+    torch.testing.assert_close(got, kept, atol=1e-5, rtol=1e-5)
+    local, glob = state.caches[1], state.caches[0]
+    assert glob.n_evicted == 0 and glob.n_q == kept_state.caches[0].n_q
+    assert local.n_evicted > 0 and local.n_q <= window + G
+    assert local.n_q + local.n_evicted == kept_state.caches[1].n_q
+    assert local.nbytes() < kept_state.caches[1].nbytes()

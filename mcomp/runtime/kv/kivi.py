@@ -14,8 +14,11 @@ Quantization (asymmetric, min/scale form): x ≈ s·q + m with s = (max − min)
 m = min, both stored as float16 and rounded *before* codes are computed, q = round((x − m)/s).
 (The zero-point form s·(q − z) is the same grid with m = −s·z.)
 - K, k_axis="channel": s, m per (batch, kv head, block of G tokens, channel): (B, H, n_q/G, D).
-- K, k_axis="token" (ablation) and V: s, m per (batch, kv head, token, group of
-  gv = min(G, head_dim) channels): (B, H, n_q, D/gv).
+- K, k_axis="token" (ablation): s, m per (batch, kv head, token, group of gv = min(G, head_dim)
+  channels): (B, H, n_q, D/gv).
+- V: s, m per (token, group of gv channels) as well, stored group-major inside each block of G
+  tokens, (B, H, n_q/G, D/gv, G): the kernel's per-group weights p_t·s_tg are then contiguous
+  runs over tokens (no transposition per block).
 
 Code layout ("planar" packing of whole blocks, chosen for the kernel): the store grows one
 block of G tokens at a time, and each block's G·D codes form one row of n = G·D codes packed
@@ -33,6 +36,14 @@ everything the cache holds and computes with (sink, store, residual, `full_kv`, 
 is in the rotated basis, and `append` takes keys in that basis. Logits are unchanged in exact
 arithmetic, q·kᵀ = q R Rᵀ kᵀ, and values/outputs are never rotated, so the kernels need no
 change; what changes is what gets quantized: a key outlier channel is spread over the head.
+
+Sliding-window layers (LayerSpec.window, Gemma 3's local layers): at each decode step the
+leading store blocks that the step's mask shows invisible to every row are evicted (`evict`,
+on by default). Positions only grow, so a key that fell out of the window stays out; what the
+cache holds of a local layer is then bounded by sink + window + G + residual tokens instead of
+growing with the context. The mask AttentionState builds still spans every column ever
+appended; the cache maps it onto what it holds by dropping the evicted columns
+(`n_evicted` of them, right after the sink). Prefill chunks never evict.
 
 Byte accounting: `bytes_per_token(layer)` is the amortized cost of one token in the quantized
 store (codes + its share of the fp16 scales/mins, all KV heads, K and V); the fp sink and
@@ -135,7 +146,8 @@ class KIVICache(KVCache):
         self.n_q = 0                         # tokens in the quantized store (multiple of G)
         self.kq = self.vq = None             # (B, H, cap/G, G·D·bits/8) uint8
         self.ks = self.km = None             # channel: (B, H, cap/G, D); token: (B, H, cap, D/gv)
-        self.vs = self.vm = None             # (B, H, cap, D/gv) fp16
+        self.vs = self.vm = None             # (B, H, cap/G, D/gv, G) fp16
+        self.n_evicted = 0                   # store tokens dropped from a sliding window
         self.last_path = None                # "kernel" | "reference" | "prefill": for tests
 
     # ------------------------------------------------------------------ accounting
@@ -159,7 +171,8 @@ class KIVICache(KVCache):
                            ("res_k", self.res_k, None), ("res_v", self.res_v, None),
                            ("kq", self.kq, self.n_q // self.G), ("vq", self.vq, self.n_q // self.G),
                            ("k_scale", self.ks, nb), ("k_min", self.km, nb),
-                           ("v_scale", self.vs, self.n_q), ("v_min", self.vm, self.n_q)):
+                           ("v_scale", self.vs, self.n_q // self.G),
+                           ("v_min", self.vm, self.n_q // self.G)):
             if t is not None:
                 out[name] = t if n is None else t[:, :, :n]
         return out
@@ -227,8 +240,8 @@ class KIVICache(KVCache):
         self.vq = grow(self.vq, (B, H, new_cap // G, G * D * vb // 8), torch.uint8, self.n_q // G)
         self.ks = grow(self.ks, kshape, SCALE_DTYPE, nb_used)
         self.km = grow(self.km, kshape, SCALE_DTYPE, nb_used)
-        self.vs = grow(self.vs, (B, H, new_cap, ngv), SCALE_DTYPE, self.n_q)
-        self.vm = grow(self.vm, (B, H, new_cap, ngv), SCALE_DTYPE, self.n_q)
+        self.vs = grow(self.vs, (B, H, new_cap // G, ngv, G), SCALE_DTYPE, self.n_q // G)
+        self.vm = grow(self.vm, (B, H, new_cap // G, ngv, G), SCALE_DTYPE, self.n_q // G)
 
     def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize n (a multiple of G) tokens k, v (B, H, n, D) into the store."""
@@ -249,8 +262,9 @@ class KIVICache(KVCache):
             self.km[:, :, a:a + n] = mk.squeeze(-1)
             self.kq[:, :, a // G:(a + n) // G] = pack_planar(qk.reshape(B, H, n // G, G * D), kb)
         qv, sv, mv = quantize_minmax(_token_groups(v, self.gv), 4, vb)
-        self.vs[:, :, a:a + n] = sv.squeeze(-1)
-        self.vm[:, :, a:a + n] = mv.squeeze(-1)
+        ng = D // self.gv                    # (B, H, n, ng, 1) → (B, H, n/G, ng, G)
+        self.vs[:, :, a // G:(a + n) // G] = sv.view(B, H, n // G, G, ng).transpose(3, 4)
+        self.vm[:, :, a // G:(a + n) // G] = mv.view(B, H, n // G, G, ng).transpose(3, 4)
         self.vq[:, :, a // G:(a + n) // G] = pack_planar(qv.reshape(B, H, n // G, G * D), vb)
         self.n_q += n
 
@@ -273,8 +287,9 @@ class KIVICache(KVCache):
             k = (_token_groups(qk, self.gv) * t["k_scale"].float()[..., None]
                  + t["k_min"].float()[..., None]).view(B, H, n, D)
         qv = unpack_planar(t["vq"], self.kv.v_bits).float().view(B, H, n, D)
-        v = (_token_groups(qv, self.gv) * t["v_scale"].float()[..., None]
-             + t["v_min"].float()[..., None]).view(B, H, n, D)
+        vs, vm = (t[name].float().transpose(3, 4).reshape(B, H, n, D // self.gv)
+                  for name in ("v_scale", "v_min"))                     # token-major again
+        v = (_token_groups(qv, self.gv) * vs[..., None] + vm[..., None]).view(B, H, n, D)
         return k, v
 
     def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,10 +310,12 @@ class KIVICache(KVCache):
         the rotated basis here, the cache's only model-facing entry point."""
         if self.k_rot is not None:
             q, k = q @ self.k_rot.to(q.dtype), k @ self.k_rot.to(k.dtype)   # (B, H*, T, D)
-        L = self.length
+        L = self.length - self.n_evicted                          # physical column of the chunk
         self.append(k, v)
+        mask = self._drop_columns(mask, self.n_evicted)
         B, Hq, T, D = q.shape
         if T == 1:
+            mask = self._evict(mask)
             from ..kernels import kivi_attention as ka
             if ka.use_kernel(self):
                 self.last_path = "kernel"
@@ -308,9 +325,40 @@ class KIVICache(KVCache):
         self.last_path = "prefill"
         return self._attend_chunk(q, k, v, scale, mask, L)
 
+    # ------------------------------------------------------------------ sliding window
+
+    evict = True   # class-level switch (tests compare against a cache that keeps everything)
+
+    def _drop_columns(self, mask, n: int):
+        """The mask without n store columns right after the sink (already evicted)."""
+        if mask is None or not n:
+            return mask
+        ns = self.n_sink_held
+        return torch.cat([mask[..., :ns], mask[..., ns + n:]], -1)
+
+    def _evict(self, mask):
+        """Drop the leading store blocks this decode step's mask hides from every row (local
+        layers only); returns the mask over what is left."""
+        if not self.evict or self.layer.window is None or mask is None or not self.n_q:
+            return mask
+        ns, G, nblk = self.n_sink_held, self.G, self.n_q // self.G
+        seen = mask[..., ns:ns + self.n_q].reshape(mask.shape[0], nblk, G).any(-1).any(0)  # (nblk,)
+        nb = int(seen.float().argmax()) if bool(seen.any()) else nblk
+        if not nb:
+            return mask
+        keep = nblk - nb
+        for t in (self.kq, self.vq, self.vs, self.vm) + ((self.ks, self.km) if self.k_channel else ()):
+            t[:, :, :keep] = t[:, :, nb:nblk].clone()
+        if not self.k_channel:                        # per-token key scales: shift by tokens
+            for t in (self.ks, self.km):
+                t[:, :, :keep * G] = t[:, :, nb * G:nblk * G].clone()
+        self.n_q -= nb * G
+        self.n_evicted += nb * G
+        return self._drop_columns(mask, nb * G)
+
     def _attend_chunk(self, q, k, v, scale, mask, L):
         B, Hq, T, D = q.shape
-        S = self.length
+        S = self.length - self.n_evicted
         KA, VA = self.full_kv()                                  # stored state, (B, H, S, D)
         KB, VB = KA.clone(), VA.clone()                          # the chunk's own tokens in fp
         KB[:, :, L:L + T] = k.float()
@@ -318,6 +366,7 @@ class KIVICache(KVCache):
         if mask is None:  # empty cache, plain causal over the chunk
             mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]   # (1, 1, T, S)
         if self.quantize_before_attend:
+            assert not self.n_evicted, "quantize-before-attend runs on whole windows, no eviction"
             sel = quantized_at(torch.arange(S), torch.arange(L, L + T), self.G, self.R,
                                self.n_sink)                      # (T, S)
         else:
