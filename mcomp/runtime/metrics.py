@@ -21,10 +21,18 @@ def _flat(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x
 
 
+# Rows per chunk in the per-token metrics: every op is row-wise, so chunking changes nothing
+# numerically but bounds the fp32 temporaries (log-softmax, its exp, differences) to a few
+# (256, V) buffers. Without it a 1024-token window of Gemma 3's 262k vocabulary needs ~5 GB.
+_ROWS = 256
+
+
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood of each target: logits (..., V), targets (...) → (...) fp32."""
     V = logits.shape[-1]
-    nll = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), reduction="none")
+    x, y = logits.reshape(-1, V), targets.reshape(-1)
+    nll = torch.cat([F.cross_entropy(x[i:i + _ROWS].float(), y[i:i + _ROWS], reduction="none")
+                     for i in range(0, x.shape[0], _ROWS)]) if x.shape[0] else x.new_zeros(0)
     return nll.reshape(targets.shape)
 
 
@@ -35,9 +43,14 @@ def token_kl(base_logits: torch.Tensor, test_logits: torch.Tensor) -> torch.Tens
     if base_logits.shape != test_logits.shape:
         raise ValueError(f"logit shapes differ: {tuple(base_logits.shape)} vs "
                          f"{tuple(test_logits.shape)}")
-    lp = F.log_softmax(base_logits.float(), dim=-1)  # (..., V)
-    lq = F.log_softmax(test_logits.float(), dim=-1)  # (..., V)
-    return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
+    V = base_logits.shape[-1]
+    b, t = base_logits.reshape(-1, V), test_logits.reshape(-1, V)
+    out = torch.empty(b.shape[0], dtype=torch.float32)
+    for i in range(0, b.shape[0], _ROWS):
+        lp = F.log_softmax(b[i:i + _ROWS].float(), dim=-1)  # (rows, V)
+        lq = F.log_softmax(t[i:i + _ROWS].float(), dim=-1)
+        out[i:i + _ROWS] = (lp.exp() * (lp - lq)).sum(-1)
+    return out.clamp_min(0.0).reshape(base_logits.shape[:-1])
 
 
 def token_top1(base_logits: torch.Tensor, test_logits: torch.Tensor) -> torch.Tensor:
