@@ -104,6 +104,7 @@ def test_recipes_with_kv():
     r = Recipe.preset("int4-kivi4")
     assert [p.name for p in r.passes][-1] == "assign_kv"
     assert r.passes[-1].config.kv_spec().k_bits == 4
+    assert r.passes[-1].config.kv_spec().sink == 4       # sinks: see the preset's comment
     r2 = resolve_recipe("int4-kivi4", kv="kivi2")
     kv_passes = [p for p in r2.passes if p.stage == "kv"]
     assert len(kv_passes) == 1 and kv_passes[0].config.bits == 2
