@@ -23,3 +23,19 @@ def write_section(path: str | Path, name: str, body: str) -> None:
         text = text.rstrip() + "\n\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def run_isolated(fn, args: tuple, name: str) -> dict:
+    """Run `fn(*args, queue)` in a fresh spawned process and return the dict it puts on the
+    queue (its own peak RSS, no state shared with earlier rows). A child reports failures as
+    {"error": ...} instead of dying silently; that becomes a RuntimeError here."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=fn, args=(*args, q))
+    p.start()
+    res = q.get()
+    p.join()
+    if "error" in res:
+        raise RuntimeError(f"benchmark {name} failed: {res['error']}")
+    return res

@@ -14,7 +14,6 @@ machines, ratios much less). Measured per configuration:
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import platform
 import resource
 import statistics
@@ -24,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from . import run_isolated
 
 CONFIGS = ("hf-eager-fp32", "mcomp-fp32", "mcomp-int4")
 
@@ -137,18 +138,10 @@ def run(cfg: BenchConfig = BenchConfig(), progress=None) -> list[dict]:
         api.optimize(cfg.model, preset, out=tmp / name)
         targets[name] = str(tmp / name)
     results = []
-    ctx = mp.get_context("spawn")
     for name in CONFIGS:
         if progress:
             progress(f"measuring {name}")
-        q = ctx.Queue()
-        p = ctx.Process(target=_child, args=(name, targets[name], cfg, q))
-        p.start()
-        res = q.get()
-        p.join()
-        if "error" in res:
-            raise RuntimeError(f"benchmark {name} failed: {res['error']}")
-        results.append(res)
+        results.append(run_isolated(_child, (name, targets[name], cfg), name))
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
     return results

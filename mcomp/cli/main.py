@@ -207,15 +207,28 @@ def run(target, prompt, max_new_tokens, temperature, top_p, seed):
               "(slow; default 1024 tokens). Reports KL/top-1 against the same model without a cache.")
 @click.option("--quantized-prefill", is_flag=True, help="One forward per window in quantize-before-"
               "attend mode (every query sees the cache state streaming would have had; fast).")
+@click.option("--passkey", "passkey", metavar="LENGTHS", help="Passkey retrieval instead of "
+              "perplexity at these context lengths in tokens, e.g. 1024,2048 or 1k,2k,4k,8k: the "
+              "haystack is prefilled, the question fed token by token through the cache; compares "
+              "the --kv scheme (or the target's own KV) with a dense fp32 cache trial by trial.")
+@click.option("--passkey-trials", default=5, show_default=True, type=click.IntRange(1),
+              help="Passkey trials per length (needle depths spread over 0.1..0.9, seeded keys).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_(target, data_file, ctx, max_tokens, base, kv, streaming, quantized_prefill, as_json):
+def eval_(target, data_file, ctx, max_tokens, base, kv, streaming, quantized_prefill, passkey,
+          passkey_trials, as_json):
     """Perplexity of TARGET (non-overlapping windows, BOS first); with --base, KL and top-1 too.
 
     Plain evaluation attends without a KV cache, so it cannot see KV compression: use
-    --streaming (or --quantized-prefill) for that."""
+    --streaming (or --quantized-prefill) for that, or --passkey for long-context retrieval."""
     from .. import api, data
     if streaming and quantized_prefill:
         raise click.UsageError("give --streaming or --quantized-prefill, not both")
+    if passkey is not None:
+        if streaming or quantized_prefill or base or data_file:
+            raise click.UsageError("--passkey builds its own prompts; it does not combine with "
+                                   "--data, --base, --streaming or --quantized-prefill")
+        _eval_passkey(target, kv, passkey, passkey_trials, as_json)
+        return
     kv_mode = "stream" if streaming else "prefill" if quantized_prefill else None
     if kv_mode and base:
         raise click.UsageError("--base is for plain evaluation; KV evaluation reports KL against "
@@ -252,6 +265,47 @@ def eval_(target, data_file, ctx, max_tokens, base, kv, streaming, quantized_pre
         line += (f"; base ppl {res['base_ppl']:.4f}; KL {res['kld']:.5f}; "
                  f"top-1 agreement {100 * res['top1_agreement']:.2f}%")
     out.print(line)
+
+
+def _eval_passkey(target, kv, lengths_text, trials, as_json):
+    from .. import api
+    from ..runtime import passkey as pk
+    lengths = pk.parse_lengths(lengths_text)
+    session = api.load(target)
+    own = [pk.TARGET] if any(l.kv.kind != "dense" for l in session.spec.layers) else []
+    cfg = pk.PasskeyConfig(lengths=lengths, schemes=("dense", *([kv] if kv else own)),
+                           trials=trials)
+    with _progress("passkey", enabled=not as_json) as update:
+        rep = pk.run_passkey(session, cfg, progress=update)
+    res = {"target": str(target), **rep.to_dict()}
+    if as_json:
+        out.print_json(json.dumps(res, default=str))
+        return
+    ref = cfg.reference
+    others = [s for s in cfg.schemes if s != ref]
+    t = Table(title=f"{target} · passkey retrieval, {trials} trials per length (greedy, "
+              f"question fed token by token)", title_justify="left")
+    t.add_column("length", justify="right")
+    for s in cfg.schemes:
+        t.add_column(f"{rep.labels[s]} correct", justify="right")
+    for s in others:
+        t.add_column(f"{s} = {ref}", justify="right")
+        t.add_column(f"{s} needle quantized", justify="right")
+    by = {(r["length"], r["scheme"]): r for r in rep.summary()}
+    for n in cfg.lengths:
+        cells = [f"{by[n, s]['correct']}/{by[n, s]['trials']}" for s in cfg.schemes]
+        for s in others:
+            r = by[n, s]
+            cells.append(f"{r['matches_reference']}/{r['trials']}")
+            cells.append("-" if r["needle_quantized"] is None else f"{r['needle_quantized']}/{r['trials']}")
+        t.add_row(str(n), *cells)
+    out.print(t)
+    for s in others:
+        out.print(f"{s} answers equal the {ref} cache's on every trial: "
+                  f"{'yes' if rep.matches_reference(s) else 'no'}")
+    out.print(f"{rep.seconds:.0f} s; lengths count prompt + {cfg.answer_tokens} answer tokens; "
+              "'needle quantized': trials where the needle sat in the quantized store (not the fp "
+              "residual window) when the answer began")
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -343,24 +397,57 @@ def bench_runtime(model, threads, decode_steps, out_file, as_json):
         out.print(f"written to {out_file}")
 
 
+@bench.command("decode")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@click.option("--preset", default="fp32", show_default=True, help="Weights for every row.")
+@click.option("--kv", "kv", multiple=True, default=("kivi2",), show_default=True,
+              help="KV scheme(s) to compare with the dense fp32 cache; repeat for several.")
+@click.option("--ctx", default=8192, show_default=True, type=click.IntRange(2),
+              help="Context length the last decode step attends over.")
+@click.option("--steps", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--out", "out_file", default="docs/benchmarks.md", show_default=True,
+              type=click.Path(dir_okay=False), help="Markdown file whose kv-decode section is replaced.")
+@click.option("--no-write", is_flag=True, help="Do not write the markdown section.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_decode(model, preset, kv, ctx, steps, threads, out_file, no_write, as_json):
+    """End-to-end decode tokens/s at long context: dense fp32 KV cache vs quantized KV caches,
+    same weights, same threads, each row in its own process."""
+    from ..bench import kv_decode as kd
+    cfg = kd.DecodeBenchConfig(model=model, preset=preset, kv=tuple(kv), ctx=ctx, steps=steps,
+                               threads=threads)
+    with _progress("bench", enabled=not as_json) as update:
+        res = kd.run(cfg, progress=lambda text: update(0, None, text))
+    if not no_write:
+        from ..bench import write_section
+        write_section(out_file, kd.section(res), kd.to_markdown(res))
+    if as_json:
+        out.print_json(json.dumps(res))
+    else:
+        out.print(kd.to_markdown(res).split("\n```json")[0])
+
+
 @bench.command("attention")
 @click.option("--ctx", "ctxs", multiple=True, type=click.IntRange(1), default=(4096, 16384, 32768),
               show_default=True, help="Context length(s); repeat the option for several.")
 @click.option("--kv", "kv", default="kivi2", show_default=True, help="KV scheme (kivi2, kivi4, ...).")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1))
 @click.option("--repeats", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--layers", default=1, show_default=True, type=click.IntRange(1),
+              help="Independent layer caches walked per timed call, as a decode step walks a "
+              "model's layers (30 for SmolLM2: caches come from DRAM, not L3). Times are per layer.")
 @click.option("--out", "out_file", default="docs/benchmarks.md", show_default=True,
               type=click.Path(dir_okay=False), help="Markdown file whose kv section is replaced.")
 @click.option("--no-write", is_flag=True, help="Do not write the markdown section.")
 @click.option("--json", "as_json", is_flag=True)
-def bench_attention(ctxs, kv, threads, repeats, out_file, no_write, as_json):
+def bench_attention(ctxs, kv, threads, repeats, layers, out_file, no_write, as_json):
     """One decode attention step over a KIVI cache (fast kernel) vs SDPA over dense fp32 / bf16
     caches, SmolLM2 shapes (9 q heads, 3 KV heads, head_dim 64), same threads."""
     from ..bench import kv_attention as kb
-    results = kb.run(list(ctxs), kv=kv, threads=threads, repeats=repeats)
+    results = kb.run(list(ctxs), kv=kv, threads=threads, repeats=repeats, layers=layers)
     if not no_write:
         from ..bench import write_section
-        write_section(out_file, "kv", kb.to_markdown(results))
+        write_section(out_file, kb.section(results), kb.to_markdown(results))
     if as_json:
         out.print_json(json.dumps(results))
     else:

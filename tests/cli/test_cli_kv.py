@@ -51,3 +51,38 @@ def test_bench_attention_json(tmp_path):
     row = res["results"][0]
     assert row["ctx"] == 512 and row["speedup_vs_sdpa_fp32"] > 0 and row["speedup_vs_sdpa_bf16"] > 0
     assert "<!-- bench:kv:begin -->" in md.read_text()
+
+
+def test_bench_attention_layers_writes_its_own_section(tmp_path):
+    from mcomp.runtime.kernels import kivi_attention as ka
+    if not ka.available():
+        pytest.skip("KIVI kernel unavailable")
+    md = tmp_path / "b.md"
+    r = mcomp("bench", "attention", "--ctx", "256", "--kv", "kivi4", "--threads", "1",
+              "--repeats", "1", "--layers", "3", "--out", md, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["layers"] == 3 and res["simd"] in ("avx512", "generic")
+    # KIVI4 error vs fp32 attention on random K/V: quantization error, far below the O(1) outputs
+    assert 0 < res["results"][0]["max_abs_err_vs_fp32"] < 0.1
+    text = md.read_text()
+    assert "<!-- bench:kv-layers:begin -->" in text and "<!-- bench:kv:begin -->" not in text
+
+
+def test_bench_decode_dense_vs_kivi(tiny_hf, tmp_path):  # noqa: F811
+    md = tmp_path / "b.md"
+    r = mcomp("bench", "decode", "--model", tiny_hf, "--ctx", "96", "--steps", "4", "--kv", "kivi2:g8:r16",
+              "--threads", "1", "--out", md, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    dense, kivi = res["rows"]
+    assert dense["label"].startswith("dense") and kivi["label"].startswith("kivi-k2v2-g8-r16")
+    assert dense["context"] == kivi["context"] == 96
+    assert kivi["kv_cache_bytes"] < dense["kv_cache_bytes"]
+    assert dense["speedup_vs_dense"] == 1.0 and kivi["decode_tok_s"] > 0
+    assert "<!-- bench:kv-decode:begin -->" in md.read_text()
+
+
+def test_bench_decode_rejects_context_beyond_text(tiny_hf):  # noqa: F811
+    r = mcomp("bench", "decode", "--model", tiny_hf, "--ctx", "10000000", "--no-write")
+    one_line_error(r, 2, "exceeds the")

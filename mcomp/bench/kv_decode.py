@@ -1,0 +1,161 @@
+"""End-to-end decode speed at long context: one model, dense fp32 KV cache vs quantized KV caches.
+
+`mcomp bench decode --ctx 8192 --kv kivi2 --kv kivi4`. The weights are the same for every row
+(`--preset`, fp32 by default: the KV cache is the only difference). Each row runs in its own
+spawned process, one after the other, with the same thread count, so peak RSS is its own and
+timings do not overlap. Per row:
+
+- prefill `ctx − steps` tokens of the embedded evaluation text (Persuasion) in chunks of
+  `prefill_chunk` tokens (untimed: the KIVI cache attends chunks in full precision and stores
+  them quantized, as the runtime does);
+- then `steps` greedy single-token decode steps through the cache, timed as a whole, so the
+  last step attends over exactly `ctx` tokens; tokens/s = steps / time;
+- the KV cache's exact bytes after the last step (`AttentionState.nbytes`), peak RSS.
+
+Decode at long context reads every layer's cache once per token; a dense fp32 cache at 8k
+tokens is 30 × 8192 × 2 × 192 × 4 B = 377 MB per step for SmolLM2, about as much as its fp32
+weights, so this is where a 2-bit cache read directly by the kernel should show up.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import run_isolated
+
+
+@dataclass(frozen=True)
+class DecodeBenchConfig:
+    model: str = "smollm2-135m"
+    preset: str = "fp32"
+    kv: tuple[str, ...] = ("kivi2",)
+    ctx: int = 8192
+    steps: int = 32
+    threads: int = 2
+    prefill_chunk: int = 1024
+    repeats: int = 1
+
+    def rows(self) -> tuple[str, ...]:
+        """The dense baseline first, then each KV scheme once."""
+        return ("dense",) + tuple(k for k in self.kv if k != "dense")
+
+
+def _child(kv: str, artifact: str, ids: list[int], cfg: DecodeBenchConfig, q) -> None:
+    try:
+        from mcomp.codegen import load_artifact
+        from mcomp.compiler import ir
+        from mcomp.runtime.kvcache import AttentionState
+        from mcomp.bench.runtime import _peak_rss as peak_rss_bytes
+        torch.set_num_threads(cfg.threads)
+        gm = load_artifact(artifact).gm
+        if kv != "dense":
+            from mcomp.passes.assign_kv import apply_kv_flag
+            apply_kv_flag(gm, kv)
+        spec = ir.get_spec(gm)
+        prompt = torch.tensor(ids[: cfg.ctx - cfg.steps])[None]
+        times = []
+        for _ in range(cfg.repeats):
+            state = AttentionState(spec, 1)
+            state.last_logits_only = True
+            with torch.inference_mode():
+                n = 0
+                for a in range(0, prompt.shape[1], cfg.prefill_chunk):
+                    chunk = prompt[:, a:a + cfg.prefill_chunk]
+                    pos = torch.arange(n, n + chunk.shape[1])[None]
+                    state.begin(pos)
+                    logits = gm(chunk, pos, state)
+                    n += chunk.shape[1]
+                nxt = logits[:, -1:].argmax(-1)
+                t0 = time.perf_counter()
+                for _ in range(cfg.steps):
+                    pos = torch.tensor([[n]])
+                    state.begin(pos)
+                    nxt = gm(nxt, pos, state)[:, -1:].argmax(-1)
+                    n += 1
+                times.append(time.perf_counter() - t0)
+        paths = sorted({getattr(c, "last_path", None) or "dense" for c in state.caches})
+        q.put({"kv": kv, "label": spec.layers[0].kv.label(), "threads": torch.get_num_threads(),
+               "context": n, "decode_tok_s": cfg.steps / statistics.median(times),
+               "ms_per_token": 1e3 * statistics.median(times) / cfg.steps,
+               "kv_cache_bytes": state.nbytes(), "weight_bytes": ir.weight_bytes(gm),
+               "attention_path": ",".join(paths), "peak_rss_bytes": peak_rss_bytes()})
+    except BaseException as e:  # report to the parent instead of dying silently
+        q.put({"kv": kv, "error": f"{type(e).__name__}: {e}"})
+
+
+def run(cfg: DecodeBenchConfig = DecodeBenchConfig(), progress=None) -> dict:
+    from mcomp import api, data
+    from mcomp.errors import ConfigError
+    if cfg.steps >= cfg.ctx:
+        raise ConfigError("--steps must be smaller than --ctx")
+    tmp = Path(tempfile.mkdtemp(prefix="mcomp-bench-decode-"))
+    try:
+        if progress:
+            progress(f"compiling {cfg.model} ({cfg.preset})")
+        api.optimize(cfg.model, cfg.preset, out=tmp / "model")
+        session = api.load(tmp / "model")
+        ids = session._require_tokenizer().encode(data.evaluation_text())
+        if len(ids) < cfg.ctx:
+            raise ConfigError(f"--ctx {cfg.ctx} exceeds the {len(ids)} tokens of evaluation text")
+        del session
+        rows = []
+        for kv in cfg.rows():
+            if progress:
+                progress(f"{kv}: prefill {cfg.ctx - cfg.steps} tokens, decode {cfg.steps}")
+            rows.append(run_isolated(_child, (kv, str(tmp / "model"), ids, cfg), f"decode {kv}"))
+    finally:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = rows[0]
+    for r in rows:
+        r["speedup_vs_dense"] = r["decode_tok_s"] / base["decode_tok_s"]
+        r["kv_bytes_vs_dense"] = r["kv_cache_bytes"] / base["kv_cache_bytes"]
+    return {"model": cfg.model, "preset": cfg.preset, "ctx": cfg.ctx, "steps": cfg.steps,
+            "threads": cfg.threads, "prefill_chunk": cfg.prefill_chunk, "repeats": cfg.repeats,
+            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "rows": rows}
+
+
+def section(res: dict) -> str:
+    """docs/benchmarks.md section name: one per weight preset."""
+    return "kv-decode" if res["preset"] == "fp32" else f"kv-decode-{res['preset']}"
+
+
+def to_markdown(res: dict) -> str:
+    lines = [
+        f"## End-to-end decode at {res['ctx']} tokens of context: dense vs quantized KV cache "
+        f"({res['preset']} weights)",
+        "",
+        f"`mcomp bench decode --model {res['model']} --preset {res['preset']} --ctx {res['ctx']} "
+        + " ".join(f"--kv {r['kv']}" for r in res["rows"][1:])
+        + f" --threads {res['threads']}` — weights `{res['preset']}` in every row; "
+        f"{res['threads']} threads; prefill {res['ctx'] - res['steps']} tokens of Persuasion "
+        f"(untimed, chunks of {res['prefill_chunk']}), then {res['steps']} greedy decode steps "
+        f"timed together (the last attends over {res['ctx']} tokens); each row in its own "
+        f"process; torch {res['torch']}.",
+        "",
+        "| KV cache | decode tok/s | ms/token | vs dense | KV cache MB | vs dense | weights + KV MB "
+        "| bytes-bound estimate | peak RSS MB | attention |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    base = res["rows"][0]
+    read0 = base["weight_bytes"] + base["kv_cache_bytes"]
+    for r in res["rows"]:
+        read = r["weight_bytes"] + r["kv_cache_bytes"]
+        lines.append(f"| {r['label']} | {r['decode_tok_s']:.2f} | {r['ms_per_token']:.1f} | "
+                     f"{r['speedup_vs_dense']:.2f}× | {r['kv_cache_bytes'] / 1e6:.1f} | "
+                     f"{r['kv_bytes_vs_dense']:.3f}× | {read / 1e6:.0f} | {read0 / read:.2f}× | "
+                     f"{r['peak_rss_bytes'] / 1e6:.0f} | {r['attention_path']} |")
+    lines += ["", "Each decode step reads every weight and every layer's cache once; \"bytes-bound "
+              "estimate\" is the speedup if a step cost only those bytes (dense weights + KV over "
+              "this row's weights + KV), to read the measured one against. The weights are the "
+              "same in every row, so the smaller they are (`--preset int4`), the larger the "
+              "share of the step the cache decides."]
+    return "\n".join(lines) + f"\n\n```json\n{json.dumps(res, indent=1)}\n```"
