@@ -7,6 +7,17 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a loaded machine OpenMP spin-waits make
+    hundreds of small forwards 10x slower; modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`. Restores the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def save_hf(tmp_path):
     """save_hf(model, name="hf") → folder holding `model.save_pretrained(...)` (safetensors)."""

@@ -16,13 +16,7 @@ VOCAB = 160
 T = 150            # > residual_length 128: the quantized store is flushed (re-quantized) once
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # hundreds of tiny forwards: thread hand-offs would dominate (and stall on a busy machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,7 @@ from helpers import tiny_gm, tiny_spec
 SMALL_KIVI = "kivi4:g8:r16"          # small group / residual so short prompts get quantized
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

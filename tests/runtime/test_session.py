@@ -36,14 +36,7 @@ TEXT = " ".join(CORPUS * 6)
 WINDOW = 5  # sliding window smaller than the test sequences
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a loaded machine OpenMP spin-waits make
-    these many small forwards 10x slower; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
