@@ -95,6 +95,9 @@ def run(cfg: DecodeBenchConfig = DecodeBenchConfig(), progress=None) -> dict:
     from mcomp.errors import ConfigError
     if cfg.steps >= cfg.ctx:
         raise ConfigError("--steps must be smaller than --ctx")
+    from mcomp.passes.assign_kv import kv_passes
+    for kv in cfg.rows():
+        kv_passes(kv)          # a bad --kv is a one-line ConfigError now, not after compiling
     tmp = Path(tempfile.mkdtemp(prefix="mcomp-bench-decode-"))
     try:
         if progress:

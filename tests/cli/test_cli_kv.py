@@ -86,3 +86,8 @@ def test_bench_decode_dense_vs_kivi(tiny_hf, tmp_path):  # noqa: F811
 def test_bench_decode_rejects_context_beyond_text(tiny_hf):  # noqa: F811
     r = mcomp("bench", "decode", "--model", tiny_hf, "--ctx", "10000000", "--no-write")
     one_line_error(r, 2, "exceeds the")
+
+
+def test_bench_decode_rejects_bad_scheme_before_compiling(tiny_hf):  # noqa: F811
+    r = mcomp("bench", "decode", "--model", tiny_hf, "--kv", "kivi3", "--no-write")
+    one_line_error(r, 2, "kivi3")
