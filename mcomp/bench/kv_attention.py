@@ -85,7 +85,7 @@ def run(ctxs: list[int], kv: str = "kivi2", threads: int = 2, repeats: int = 20,
                      "speedup_vs_sdpa_bf16": t16 / tk, "kivi_cache_bytes": cache.nbytes(),
                      "dense_fp32_bytes": dense32, "dense_bf16_bytes": dense32 // 2,
                      "max_abs_err_vs_fp32": err})
-        del sets
+        sets.clear()   # free this context's caches before building the next
     return {"kv": spec.label(), "kv_flag": kv, "threads": threads, "repeats": repeats, "layers": layers,
             "simd": mod.kivi_simd(),
             "shape": {"batch": 1, "q_heads": HQ, "kv_heads": HKV, "head_dim": D},

@@ -39,6 +39,12 @@ class KVCache:
     # its own step). Lossless representations have nothing to do.
     quantize_before_attend: bool = False
 
+    def load(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V as the model computed them (B, Hkv, T, D), as `attend` with a prefill chunk
+        would, without attending (e.g. to fill this cache from another cache's prefill). A
+        representation that keeps keys in another basis maps them here, as in `attend`."""
+        self.append(k, v)
+
     def attend(self, q, k, v, scale: float, mask: torch.Tensor) -> torch.Tensor:
         """Append k/v (B, Hkv, T, D), then attend q (B, Hq, T, D) over the whole cache.
         mask: (B, 1, T, S) bool, True = may attend; None = causal over exactly these T tokens

@@ -23,7 +23,7 @@ needle sat in the quantized store when the first answer token was chosen is repo
 Shared prefill: a prefill chunk attends in full precision whatever the KV representation, so the
 per-layer K/V it produces are the same for every scheme. With `share_prefill` (the default) the
 haystack is prefilled once per trial with dense fp32 caches, and each scheme's caches are filled
-by appending those K/V (`KVCache.append`; in KIVI's rotated key basis with `:hk`, with V rotated
+by loading those K/V (`KVCache.load`, which puts keys in KIVI's rotated basis with `:hk`; V rotated
 like the rotate_v pass folds it into the weights with `:hv`). That is what a scheme's own prefill
 would store, up to float rounding (tests/runtime/test_passkey.py checks it against the unshared
 path); schemes whose preparation does anything else fall back to their own prefill.
@@ -248,9 +248,9 @@ def load_prefill(src: AttentionState, spec: ModelSpec,
     """Fresh caches built from `spec` holding what `src` (dense caches after one prefill chunk)
     holds, appended as one chunk: what a prefill with `spec`'s caches would have stored.
 
-    KV representations with a key rotation (KIVI `k_rot`) take keys in their rotated basis, as
-    their `attend` would hand them over; `v_rotations[layer]` (D, D) maps V to the basis of a
-    model whose V projections were rotated (the rotate_v pass)."""
+    Each cache maps keys to its own basis (`KVCache.load`; KIVI with a key rotation);
+    `v_rotations[layer]` (D, D) maps V to the basis of a model whose V projections were rotated
+    (the rotate_v pass)."""
     state = AttentionState(spec, src.batch)
     state.last_logits_only = True
     with torch.inference_mode():
@@ -260,10 +260,7 @@ def load_prefill(src: AttentionState, spec: ModelSpec,
             rot = v_rotations[layer] if v_rotations is not None else None
             if rot is not None:
                 v = (v.double() @ rot.double()).to(v.dtype)
-            k_rot = getattr(d, "k_rot", None)
-            if k_rot is not None:
-                k = k @ k_rot.to(k.dtype)
-            d.append(k, v)
+            d.load(k, v)                                             # (k rotation: the cache's)
     return state
 
 

@@ -44,7 +44,7 @@ from ...errors import KernelUnavailable
 
 log = logging.getLogger("mcomp.kernels")
 
-_NAME = "mcomp_kivi_attention_v8"
+_NAME = "mcomp_kivi_attention_v9"
 
 _SRC = r"""
 #include <torch/extension.h>
@@ -408,7 +408,7 @@ static void run_split(const Args& a, int64_t b, int64_t h, int64_t sp,
   const int64_t bh = b * a.H + h;
   const float* q = a.q + (b * a.Hq + h * rep) * D;               // rep rows of D
   const bool* mrow = a.mask ? a.mask + b * a.S : nullptr;
-  const int64_t col_q0 = a.Ns + blk0 * G, col_r0 = a.Ns + a.nq;
+  const int64_t col_r0 = a.Ns + a.nq;
   const float NEG = -std::numeric_limits<float>::infinity();
 
   std::vector<float> logit(rep * n), qs(rep * D), qm(rep), sf(D), mf(D);
@@ -460,7 +460,6 @@ static void run_split(const Args& a, int64_t b, int64_t h, int64_t sp,
         if (!mrow[a.Ns + t0 + i]) for (int64_t r = 0; r < rep; ++r) logit[r * n + off0 + i] = NEG;
   }
   if (nr) fp_logits(a.res_k + bh * a.Nr * D, nr, col_r0, ns + nqt);
-  (void)col_q0;
   // ---- softmax (unnormalized; the merge normalizes)
   std::vector<float> mx(rep), sum(rep, 0.f);
   for (int64_t r = 0; r < rep; ++r) {

@@ -217,6 +217,10 @@ class KIVICache(KVCache):
             self.res_k = self.res_k[:, :, n:].clone()
             self.res_v = self.res_v[:, :, n:].clone()
 
+    def load(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """KVCache.load: keys enter the rotated basis first, as in `attend`."""
+        self.append(k if self.k_rot is None else k @ self.k_rot.to(k.dtype), v)
+
     def _reserve(self, need: int, like: torch.Tensor) -> None:
         cap = 0 if self.kq is None else self.kq.shape[2]
         if need <= cap:
