@@ -37,7 +37,7 @@ def prefill_speed(gms: dict, vocab: int, tokens: int = 512, repeats: int = 5,
     times: dict[str, list[float]] = {k: [] for k in gms}
 
     def once(gm):
-        state = AttentionState(ir.get_spec(gm), 1)
+        state = AttentionState(ir.get_spec(gm), 1, model=gm)
         state.last_logits_only = last_logits_only
         state.begin(pos)
         t0 = time.perf_counter()

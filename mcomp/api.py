@@ -22,7 +22,7 @@ from .compiler.manager import PassManager, Report
 from .compiler.recipe import (Recipe, parse_budget_flags, parse_kv_flag, parse_prune_flag,
                               parse_weights_flag)
 
-from .runtime.kvcache import KV_REPRESENTATIONS
+from .runtime import kv as kvrep
 from .runtime.session import Session
 from .runtime.tokenizer import Tokenizer
 
@@ -143,7 +143,7 @@ def inspect(target: str | os.PathLike = DEFAULT_MODEL) -> dict:
         block = gm.get_submodule(f"layers.{i}")
         schemes = sorted({getattr(m, "scheme").label() if hasattr(m, "scheme") else "fp32"
                           for m in block.modules() if getattr(m, "mcomp_role", None) in ir.LINEAR_ROLES})
-        kv_bpt = KV_REPRESENTATIONS.get(ls.kv.kind).bytes_per_token(ls)
+        kv_bpt = kvrep.bytes_per_token(ls)
         layers.append({"layer": i, "heads": ls.n_heads, "kv_heads": ls.n_kv_heads,
                        "head_dim": ls.head_dim, "ffn": ls.ffn_dim, "window": ls.window,
                        "weight_bytes": ir.module_bytes(block), "schemes": schemes,

@@ -40,13 +40,18 @@ def _time(fn, repeats: int) -> float:
 def run(ctxs: list[int], kv: str = "kivi2", threads: int = 2, repeats: int = 20,
         layers: int = 1) -> dict:
     from ..compiler.spec import LayerSpec
-    from ..passes.assign_kv import kv_shorthand
+    from ..errors import ConfigError
     from ..runtime.kernels import kivi_attention as ka
+    from ..runtime.kv import parse_kv
     from ..runtime.kv.kivi import KIVICache
 
+    choice = parse_kv(kv)
+    if choice.spec.kind != "kivi" or choice.rewrites:
+        raise ConfigError(f"bench attention times the KIVI decode kernel on random K/V; '{kv}' is "
+                          "not a plain kivi scheme (use `mcomp bench decode` for whole models)")
     mod = ka.load()  # KernelUnavailable (exit 4) rather than timing the reference by accident
     torch.set_num_threads(threads)
-    spec = kv_shorthand(kv).kv_spec()
+    spec = choice.spec
     ls = LayerSpec(n_heads=HQ, n_kv_heads=HKV, head_dim=D, ffn_dim=1, kv=spec)
     scale = D ** -0.5
     rows = []

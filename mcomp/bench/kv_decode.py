@@ -62,7 +62,7 @@ def _child(kv: str, artifact: str, ids: list[int], cfg: DecodeBenchConfig, q) ->
         prompt = torch.tensor(ids[: cfg.ctx - cfg.steps])[None]
         times = []
         for _ in range(cfg.repeats):
-            state = AttentionState(spec, 1)
+            state = AttentionState(spec, 1, model=gm)
             state.last_logits_only = True
             with torch.inference_mode():
                 n = 0

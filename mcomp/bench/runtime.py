@@ -75,7 +75,7 @@ def _mcomp_runner(artifact: str):
         return gm(ids, pos, state)
 
     def new_state():
-        state = AttentionState(spec, 1)
+        state = AttentionState(spec, 1, model=gm)
         state.last_logits_only = True  # the benchmark reads logits[:, -1:] only, like generate
         return state
 

@@ -17,6 +17,10 @@ from rich.table import Table
 
 from ..compiler.frontend import BUILTIN_MODELS, DEFAULT_MODEL
 from ..errors import MCompError
+from ..runtime.kv import shorthand_help
+
+# --kv help is built from the registered KV representations (runtime/kv/), not written here
+KV_HELP = f"KV representation shorthand, one of: {shorthand_help()}."
 
 err = Console(stderr=True)
 out = Console()
@@ -107,10 +111,8 @@ TARGET_HELP = "An artifact directory, or anything MODEL accepts."
               "parameters removed), e.g. flap:0.2, wanda-sp:0.3, magnitude:0.2; METHOD:SIZE for the "
               "weight bytes to end at, e.g. flap:400MB; or layers:N to remove N whole blocks. "
               "Replaces the recipe's prune stage.")
-@click.option("--kv", "kv", help="KV-cache shorthand: kivi2 (K/V 2-bit, group 32, 128 fp residual "
-              "tokens), kivi4, kivi8, options :gN :rN :sN (sink) :kt (per-token keys) :hk (Hadamard "
-              "key rotation) :hv (Hadamard V rotation folded into the weights), or dense. "
-              "Replaces the recipe's kv stage (assign_kv, plus rotate_v for :hv).")
+@click.option("--kv", "kv", help=KV_HELP + " Replaces the recipe's kv stage (assign_kv, plus the "
+              "weight rewrites a shorthand asks for, e.g. rotate_v for kivi's :hv); see docs/recipes.md.")
 @click.option("--calib", type=click.Path(dir_okay=False), help="Calibration text file (default: embedded Austen sample).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Artifact directory to write "
               "(default: out/<model>-<recipe>).")
@@ -157,6 +159,13 @@ def optimize(model, preset, recipe_file, weights, weight_budget, weight_bits, pr
     lb, la = rep["linear_bytes_before"], rep["linear_bytes_after"]
     out.print(f"weights {_mb(rep['weight_bytes_before'])} → {_mb(rep['weight_bytes_after'])}; "
               f"decoder linears {_mb(lb)} → {_mb(la)} ({100 * la / max(lb, 1):.1f}%)")
+    for p in rep["passes"]:
+        kd = p.get("kv_drift")
+        if kd:
+            out.print(f"{p['name']}: through the KV caches (prefill {kd['prefill']}, then "
+                      f"{kd['decode_steps']} decode steps vs no cache): max |Δlogit| "
+                      f"{kd['max_abs_logit']:.3g}, KL {kd['kld']:.2e}, top-1 {kd['top1']:.3f}; "
+                      f"cache bytes match the kinds' accounting ({kd['kv_bytes']:,} B)")
     mixed = next((p["stats"] for p in rep["passes"] if p["name"] == "quantize_weights_mixed"), None)
     if mixed:
         sens = mixed["sensitivity"]
@@ -201,8 +210,8 @@ def run(target, prompt, max_new_tokens, temperature, top_p, seed):
 @click.option("--max-tokens", default=None, type=click.IntRange(1),
               help="Text tokens to consume at most [default: 16384; 1024 with --streaming/--quantized-prefill].")
 @click.option("--base", help="Base model/artifact: also report KL divergence and top-1 agreement against it.")
-@click.option("--kv", "kv", help="Apply a KV-cache scheme to TARGET first (kivi2, kivi4, kivi8, "
-              "options :gN :rN :sN :kt :hk :hv, or dense); evaluate it with --streaming.")
+@click.option("--kv", "kv", help="Apply a KV representation to TARGET first; evaluate it with "
+              "--streaming or --quantized-prefill. " + KV_HELP)
 @click.option("--streaming", is_flag=True, help="Token-by-token decode through the real KV cache "
               "(slow; default 1024 tokens). Reports KL/top-1 against the same model without a cache.")
 @click.option("--quantized-prefill", is_flag=True, help="One forward per window in quantize-before-"
@@ -401,7 +410,7 @@ def bench_runtime(model, threads, decode_steps, out_file, as_json):
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--preset", default="fp32", show_default=True, help="Weights for every row.")
 @click.option("--kv", "kv", multiple=True, default=("kivi2",), show_default=True,
-              help="KV scheme(s) to compare with the dense fp32 cache; repeat for several.")
+              help="KV scheme(s) to compare with the dense fp32 cache; repeat for several. " + KV_HELP)
 @click.option("--ctx", default=8192, show_default=True, type=click.IntRange(2),
               help="Context length the last decode step attends over.")
 @click.option("--steps", default=32, show_default=True, type=click.IntRange(1))

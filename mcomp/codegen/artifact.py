@@ -37,7 +37,7 @@ from ..quant.embedding import EMBED, HEAD, head_is_tied, tie_head
 from .manifest import (DIGEST_KEY, EMBED_FORMAT_VERSION, FORMAT, FORMAT_VERSION, MANIFEST_NAME,
                        ST_DTYPES, SUPPORTED_FORMAT_VERSIONS, WEIGHTS_NAME, TensorInfo,
                        build_skeleton, compare_tensors, describe_linears, dtype_name,
-                       format_version_for, implied_tensors, jsonable, kv_view, manifest_digest,
+                       format_version_for, implied_tensors, jsonable, manifest_digest, migrate,
                        module_bytes, safetensors_metadata, stored_state)
 
 log = logging.getLogger("mcomp.codegen")
@@ -145,7 +145,8 @@ def _pass_log(report, pass_log) -> list:
     if pass_log is not None:
         return [p.describe() if hasattr(p, "describe") else p for p in pass_log]
     return [{"pass": rec.name, "version": rec.version, "config": rec.config,
-             "exact": rec.exact, "stats": rec.stats}
+             "exact": rec.exact, "stats": rec.stats,
+             **({"kv_drift": rec.kv_drift} if getattr(rec, "kv_drift", None) else {})}
             for rec in getattr(report, "passes", None) or []]
 
 
@@ -179,7 +180,6 @@ def _build(tmp: Path, gm: fx.GraphModule, spec: ModelSpec, weights: dict, tensor
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": str(source),
         "model": spec.to_dict(),
-        "kv": kv_view(spec),
         "weights": weights,
         "tensors": {k: TensorInfo(dtype_name(v.dtype), tuple(v.shape)).to_dict()
                     for k, v in tensors.items()},
@@ -385,8 +385,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
 
 def _check(path: str | os.PathLike) -> _Checked:
     root = Path(path).expanduser()
-    m = _read_manifest(root)
     mpath = root / MANIFEST_NAME
+    m = migrate(_read_manifest(root), str(mpath))     # older format versions: explicit migration
     model_d = _field(m, "model", dict, mpath)
     weights = _field(m, "weights", dict, mpath)
     tensors_d = _field(m, "tensors", dict, mpath)
@@ -404,8 +404,6 @@ def _check(path: str | os.PathLike) -> _Checked:
         spec = ModelSpec.from_dict(model_d)
     except (ConfigError, TypeError, ValueError, AttributeError) as e:
         raise _fail(f"{mpath}: invalid model spec: {e}") from None
-    if m.get("kv") != kv_view(spec):
-        raise _fail(f"{mpath}: 'kv' does not match the per-layer KV specs in 'model'")
     if EMBED in weights and m["format_version"] < EMBED_FORMAT_VERSION:
         raise _fail(f"{mpath}: weights '{EMBED}' needs format version {EMBED_FORMAT_VERSION}, "
                     f"the manifest says {m['format_version']}")

@@ -15,7 +15,13 @@ Format versions: 1 describes every linear in `weights` (the token embedding is a
 a quantized linear: `embed.qweight/scales/zeros`; a tied lm_head is then a quantized entry with
 `tied_to: "embed"` and no tensors of its own). The writer stamps the lowest version that
 describes the artifact (`format_version_for`), so artifacts without a quantized embedding stay
-version 1 and older mcomp releases keep reading them; this mcomp reads both.
+version 1 and older mcomp releases keep reading them.
+
+Version 3 stores every KV fact once: `model.layers[i].kv` is `{kind, params}` (params versioned
+by its kind, runtime/kv/), and the redundant top-level `kv` view of versions 1-2 is gone. Every
+artifact this mcomp writes is version 3 (a KV record older readers would misread is not theirs
+to read). Versions 1 and 2 load through `migrate` (their flat KV record becomes `{kind,
+params}` through the kind's own legacy reader) after their digest was checked as written.
 """
 from __future__ import annotations
 
@@ -37,8 +43,9 @@ from ..quant.linear import QuantLinear
 from ..quant.scheme import WeightScheme
 
 FORMAT = "mcomp-artifact"
-FORMAT_VERSION = 2                  # the newest version this mcomp writes
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSION = 3                  # the version this mcomp writes
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
+KV_FORMAT_VERSION = 3               # first version with KVSpec = {kind, params} stored once
 EMBED_FORMAT_VERSION = 2            # first version with a quantized embedding (weights["embed"])
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -46,8 +53,42 @@ DIGEST_KEY = "manifest_sha256"
 
 
 def format_version_for(weights: Mapping[str, Any]) -> int:
-    """The lowest format version that can describe an artifact with this weight table."""
-    return EMBED_FORMAT_VERSION if EMBED in weights else 1
+    """The format version this mcomp writes (every artifact: the KV record changed in 3)."""
+    return FORMAT_VERSION
+
+
+def _legacy_kv(flat: Mapping[str, Any], where: str) -> dict:
+    """A format-1/2 layer KV record (flat: kind, dtype and, for kivi, its fields) → {kind, params}."""
+    from ..runtime.kv.kivi import KIVIParams
+    kind = flat.get("kind", "dense")
+    if kind == "dense":
+        return {"kind": "dense", "params": {"dtype": flat.get("dtype", "float32")}}
+    if kind == "kivi":
+        return {"kind": "kivi", "params": KIVIParams.from_legacy(dict(flat)).to_dict()}
+    raise ArtifactError(f"{where}: unknown KV kind {kind!r} in a format-2 manifest")
+
+
+def migrate(manifest: dict, where: str) -> dict:
+    """A verified manifest of an older format version → the current layout (a copy). Explicit
+    per version, so what changed is written down once: 1→2 added only optional keys; 2→3 moved
+    the KV record into {kind, params} and dropped the redundant `kv` view."""
+    m = dict(manifest)
+    v = m["format_version"]
+    if v < KV_FORMAT_VERSION:
+        model = dict(m.get("model") or {})
+        layers = []
+        for i, layer in enumerate(model.get("layers") or []):
+            layer = dict(layer)
+            if isinstance(layer.get("kv"), dict) and "params" not in layer["kv"]:
+                layer["kv"] = _legacy_kv(layer["kv"], f"{where}: layer {i}")
+            layers.append(layer)
+        model["layers"] = layers
+        if model.get("version", 1) == 1:
+            model["version"] = 2
+        m["model"] = model
+        m.pop("kv", None)
+        m["migrated_from"] = v
+    return m
 
 
 def safetensors_metadata(version: int) -> dict[str, str]:
@@ -104,11 +145,6 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of the manifest without its own digest key."""
     body = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
     return hashlib.sha256(canonical_json(body)).hexdigest()
-
-
-def kv_view(spec: ModelSpec) -> list[dict]:
-    """The per-layer KV representations (a redundant, human-readable view of the spec)."""
-    return [{"layer": i, **l.kv.to_dict()} for i, l in enumerate(spec.layers)]
 
 
 # ----------------------------------------------------------------------------- weights

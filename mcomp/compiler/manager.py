@@ -12,7 +12,7 @@ from ..errors import MCompError, PassError
 from . import ir
 from .context import CompileContext
 from .passes import Pass
-from .verify import ProbeRun, drift, probe, verify_pass
+from .verify import ProbeRun, drift, kv_specs, probe, verify_kv, verify_pass
 
 log = logging.getLogger("mcomp.passes")
 
@@ -22,6 +22,10 @@ class VerifyConfig:
     enabled: bool = True
     exact_atol: float = 1e-4        # relative to the probe logits' max magnitude
     max_kld: float | None = None    # fail a lossy pass that drifts further than this
+    # after a pass that sets or changes a KV representation: prefill, then decode through the
+    # real caches past their lossy window (verify.verify_kv)
+    kv: bool = True
+    kv_prefill: int = 16
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -37,6 +41,7 @@ class PassRecord:
     stats: dict
     drift: dict | None          # against the IR before this pass
     drift_total: dict | None    # against the imported model
+    kv_drift: dict | None       # decode through the caches vs the no-cache forward (KV passes)
     weight_bytes: int
     linear_bytes: int
 
@@ -89,6 +94,7 @@ class PassManager:
             if self.on_pass:
                 self.on_pass(i, len(self.passes), p.name)
             t0 = time.perf_counter()
+            kv_before = kv_specs(gm)
             try:
                 p.check(gm)
                 result = p.run(gm, ctx)
@@ -106,10 +112,15 @@ class PassManager:
                                       exact_atol=self.verify.exact_atol,
                                       max_kld=self.verify.max_kld)
                 d_total = drift(base.logits, prev.logits)
+            kv_d = None
+            if self.verify.enabled and self.verify.kv and kv_specs(gm) != kv_before:
+                kv_d = verify_kv(gm, ctx.calib_ids, ctx.bos_id, pass_name=p.name,
+                                 previous=tuple(done), prefill=self.verify.kv_prefill,
+                                 exact_atol=self.verify.exact_atol)
             log.info("pass %s: %.2fs %s", p.name, seconds, result.stats)
             report.passes.append(PassRecord(
                 name=p.name, version=p.version, config=p.config.to_dict(), exact=p.exact,
-                seconds=seconds, stats=result.stats, drift=d, drift_total=d_total,
+                seconds=seconds, stats=result.stats, drift=d, drift_total=d_total, kv_drift=kv_d,
                 weight_bytes=ir.weight_bytes(gm), linear_bytes=ir.linear_weight_bytes(gm)))
             done.append(p.name)
         if self.on_pass:

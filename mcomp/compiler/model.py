@@ -131,12 +131,13 @@ torch.fx.wrap("select_logit_positions")
 
 
 class Attention(LeafModule):
-    """Scaled dot-product attention over (post-RoPE) q, k, v as one IR node.
+    """Scaled dot-product attention over (post-RoPE) q, k, v as one IR node: the cache boundary.
 
     With `state=None` it is plain causal (optionally sliding-window) attention over the given
-    tokens. With an AttentionState it delegates to the layer's KV representation, which appends
-    the new K/V to its cache and attends over everything it holds.
-    q: (B, Hq, T, D), k/v: (B, Hkv, T, D) → (B, T, Hq*D)
+    tokens. With an AttentionState it hands the layer's cache the queries, the new K/V and the
+    attention input `h` they were projected from (runtime/kvcache.py: the cache boundary), and
+    the cache attends over everything it holds.
+    q: (B, Hq, T, D), k/v: (B, Hkv, T, D), h: (B, T, hidden) → (B, T, Hq*D)
     """
 
     def __init__(self, layer: int, scale: float, window: int | None):
@@ -145,11 +146,11 @@ class Attention(LeafModule):
         self.scale = scale
         self.window = window
 
-    def forward(self, q, k, v, state=None):
+    def forward(self, q, k, v, h, state=None):
         if state is None:
             out = causal_attention(q, k, v, self.scale, self.window)
         else:
-            out = state.attend(self.layer, q, k, v, self.scale, self.window)
+            out = state.attend(self.layer, q, k, v, h, self.scale, self.window)
         return out.transpose(1, 2).flatten(2)
 
 
@@ -215,7 +216,7 @@ class Block(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if ls.rope is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = self.o_proj(self.attn(q, k, v, state))     # (B, T, H)
+        o = self.o_proj(self.attn(q, k, v, h, state))  # (B, T, H)
         if ls.sandwich_norm:
             o = self.post_attn_norm(o)
         x = x + o

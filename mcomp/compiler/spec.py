@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import ConfigError
-from .hadamard import hadamard_block
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2   # 2: KVSpec = {kind, params} (1: a flat KIVI record; codegen migrates)
 
 
 def _from_mapping(cls, data: Mapping[str, Any], *, where: str):
@@ -25,100 +24,51 @@ def _from_mapping(cls, data: Mapping[str, Any], *, where: str):
     return cls(**dict(data))
 
 
-KV_KINDS = ("dense", "kivi")
-KV_BITS = (2, 4, 8)
-KV_DTYPES = ("float32", "bfloat16", "float16")
-KV_ROTATIONS = ("none", "hadamard")
+def _kv_kinds():
+    # the registry lives with the caches (runtime/kv); imported lazily because the kinds'
+    # params check layers, i.e. import this module
+    from ..runtime.kv import KV_KINDS
+    return KV_KINDS
 
 
 @dataclass(frozen=True)
 class KVSpec:
-    """How a layer's K/V are stored (the runtime container is KV_REPRESENTATIONS[kind]).
+    """How a layer's K/V are stored: a registered KV representation (`kind`, runtime/kv/) and
+    that kind's frozen, versioned `params`. The default is a dense fp32 cache.
 
-    - `dense`: full precision K/V in `dtype`.
-    - `kivi`: KIVI-style asymmetric quantization. Keys per channel (scale/min per (head, channel)
-      over a block of `group_size` tokens) or, for ablations, per token (`k_axis="token"`);
-      values per token over groups of `min(group_size, head_dim)` channels. The `residual` most
-      recent tokens stay in full precision (`dtype`) and are flushed into the quantized store
-      `group_size` tokens at a time; the first `sink` tokens are never quantized.
-      `k_rotation="hadamard"` rotates keys and queries online, after RoPE, by an orthonormal
-      Hadamard matrix R (head_dim × head_dim) before keys are stored: q·kᵀ = (qR)(kR)ᵀ, so
-      attention is unchanged in full precision while outlier channels are spread over the
-      head before quantization (QuaRot). RoPE sits between k_proj and the cache, so this
-      rotation cannot be folded into weights; V rotation can (the rotate_v pass).
-
-    Every field has a default so manifests written before the quantized kinds existed load
-    unchanged (their `kv` dict only has kind and dtype)."""
+    This class knows no kind: validation, labels, per-layer checks and serialization of the
+    params belong to the kind's params class (runtime/kv/<kind>.py)."""
 
     kind: str = "dense"
-    dtype: str = "float32"          # dense storage; for kivi: the fp residual/sink storage
-    k_bits: int = 4
-    v_bits: int = 4
-    group_size: int = 32
-    residual: int = 128
-    sink: int = 0
-    k_axis: str = "channel"         # channel (KIVI) | token (ablation)
-    k_rotation: str = "none"        # none | hadamard (online, post-RoPE, on keys and queries)
+    params: Any = None          # the kind's KVParams; None → the kind's defaults
 
     def __post_init__(self):
-        if self.kind not in KV_KINDS:
-            raise ConfigError(f"kv spec: unknown kind '{self.kind}'; valid: {', '.join(KV_KINDS)}")
-        if self.dtype not in KV_DTYPES:
-            raise ConfigError(f"kv spec: dtype '{self.dtype}' not in {', '.join(KV_DTYPES)}")
-        if self.k_rotation not in KV_ROTATIONS:
-            raise ConfigError(f"kv spec: k_rotation '{self.k_rotation}' not in "
-                              f"{', '.join(KV_ROTATIONS)}")
-        if self.kind != "kivi":
-            if self.k_rotation != "none":  # a dense cache is exact: nothing to rotate for
-                raise ConfigError(f"kv spec: k_rotation needs a quantized kind, not '{self.kind}'")
-            return
-        for name in ("k_bits", "v_bits"):
-            if getattr(self, name) not in KV_BITS:
-                raise ConfigError(f"kv spec: {name}={getattr(self, name)} must be one of "
-                                  f"{', '.join(map(str, KV_BITS))}")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ConfigError(f"kv spec: group_size must be a positive integer, got {self.group_size}")
-        if not isinstance(self.residual, int) or self.residual < 0:
-            raise ConfigError(f"kv spec: residual must be an integer >= 0, got {self.residual}")
-        if not isinstance(self.sink, int) or self.sink < 0:
-            raise ConfigError(f"kv spec: sink must be an integer >= 0, got {self.sink}")
-        if self.k_axis not in ("channel", "token"):
-            raise ConfigError(f"kv spec: k_axis '{self.k_axis}' must be 'channel' or 'token'")
+        kind = _kv_kinds().get(self.kind)          # ConfigError listing the registered kinds
+        if self.params is None:
+            object.__setattr__(self, "params", kind.Params())
+        elif not isinstance(self.params, kind.Params):
+            raise ConfigError(f"kv spec: kind '{self.kind}' takes {kind.Params.__name__}, got "
+                              f"{type(self.params).__name__}")
 
     def label(self) -> str:
-        if self.kind == "dense":
-            return f"dense-{self.dtype}"
-        k = f"k{self.k_bits}" + ("t" if self.k_axis == "token" else "")
-        return (f"kivi-{k}v{self.v_bits}-g{self.group_size}-r{self.residual}"
-                + (f"-s{self.sink}" if self.sink else "")
-                + ("-hk" if self.k_rotation == "hadamard" else ""))
+        return self.params.label()
 
-    def check_layer(self, head_dim: int) -> None:
-        """Constraints that need the layer's head_dim (LayerSpec calls this)."""
-        if self.kind != "kivi":
-            return
-        gv = min(self.group_size, head_dim)
-        if head_dim % gv:
-            raise ConfigError(f"kv spec: value channel group min(group_size={self.group_size}, "
-                              f"head_dim={head_dim}) must divide head_dim")
-        if self.k_rotation == "hadamard":
-            hadamard_block(head_dim)  # ConfigError when head_dim has no usable Hadamard block
-        for bits in (self.k_bits, self.v_bits):
-            if head_dim % (8 // bits):
-                raise ConfigError(f"kv spec: head_dim={head_dim} must be a multiple of "
-                                  f"{8 // bits} to pack {bits}-bit codes")
+    def check_layer(self, layer: "LayerSpec") -> None:
+        """Constraints that need the layer (LayerSpec calls this)."""
+        self.params.check_layer(layer)
 
     def to_dict(self) -> dict:
-        """Only the fields the kind uses: a dense spec serializes exactly as before the
-        quantized kinds existed (kind, dtype), so dense manifests are unchanged."""
-        d = dataclasses.asdict(self)
-        if self.kind == "dense":
-            return {"kind": self.kind, "dtype": self.dtype}
-        return d
+        return {"kind": self.kind, "params": self.params.to_dict()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "KVSpec":
-        return _from_mapping(cls, d, where="kv spec")
+        unknown = set(d) - {"kind", "params"}
+        if unknown:
+            raise ConfigError(f"kv spec: unknown field(s) {sorted(unknown)}; valid: kind, params "
+                              "(a format-2 manifest's flat KV record loads through its migration)")
+        kind = _kv_kinds().get(d.get("kind", "dense"))
+        params = kind.Params.from_dict(d.get("params") or {}, where=f"kv spec '{kind.name}'")
+        return cls(kind=kind.name, params=params)
 
 
 @dataclass(frozen=True)
@@ -166,7 +116,7 @@ class LayerSpec:
             raise ConfigError(
                 f"layer spec: n_heads={self.n_heads} must be a positive multiple of "
                 f"n_kv_heads={self.n_kv_heads}")
-        self.kv.check_layer(self.head_dim)
+        self.kv.check_layer(self)
 
     @property
     def q_dim(self) -> int:

@@ -124,3 +124,73 @@ def verify_pass(gm: fx.GraphModule, before: ProbeRun, ids: torch.Tensor, *, pass
         raise PassError(f"drifted beyond the allowed KL divergence: {d['kld']:.4g} > {max_kld}",
                         pass_name=pass_name, previous=previous)
     return after, d
+
+
+# ----------------------------------------------------------------------------- through caches
+
+def kv_specs(gm: fx.GraphModule) -> tuple:
+    return tuple(l.kv for l in ir.get_spec(gm).layers)
+
+
+def kv_probe_ids(stream: torch.Tensor, n: int, bos: int | None) -> torch.Tensor:
+    """(1, n) tokens for the cache-aware check: BOS, then the end of the calibration stream
+    (tiled when it is shorter), so the check does not reuse the first calibration windows."""
+    body = n - (1 if bos is not None else 0)
+    s = stream.flip(0)
+    if s.numel() < body:
+        s = s.repeat(-(-body // max(s.numel(), 1)))
+    ids = s[:body]
+    if bos is not None:
+        ids = torch.cat([torch.tensor([bos], dtype=ids.dtype), ids])
+    return ids[None]
+
+
+@torch.inference_mode()
+def verify_kv(gm: fx.GraphModule, stream: torch.Tensor, bos: int | None, *, pass_name: str,
+              previous: tuple[str, ...], prefill: int = 16, exact_atol: float = 1e-4) -> dict:
+    """Run the IR through its real caches: prefill `prefill` tokens, then decode one token at a
+    time for as many steps as the most demanding layer's kind asks (KIVI: residual + 2 groups,
+    so blocks are flushed into the quantized store and attended from it), and compare every
+    logit with the no-cache forward of the same IR. Two checks can fail the pass:
+
+    - bytes: each cache must hold exactly the bytes its kind's accounting says it holds after
+      that many tokens (a cache that never flushes its fp window, or stores V at the wrong
+      width, is caught here even when its logits look better than they should);
+    - lossless kinds (dense fp32) must reproduce the no-cache logits to the exact tolerance.
+
+    The drift (max |Δlogit|, KL, top-1 over the decoded positions) goes into the report."""
+    from ..runtime.kv import KV_KINDS
+    from ..runtime.kvcache import AttentionState
+
+    spec = ir.get_spec(gm)
+    kinds = [KV_KINDS.get(l.kv.kind) for l in spec.layers]
+    steps = max(k.verify_steps(l.kv.params) for k, l in zip(kinds, spec.layers))
+    ids = kv_probe_ids(stream, prefill + steps, bos)                      # (1, T)
+    T = ids.shape[1]
+    pos = torch.arange(T)[None]
+    ref = gm(ids, pos, None).float()                                      # (1, T, V)
+    state = AttentionState(spec, 1, model=gm)
+    state.begin(pos[:, :prefill])
+    outs = [gm(ids[:, :prefill], pos[:, :prefill], state).float()]
+    for t in range(prefill, T):
+        state.begin(pos[:, t:t + 1])
+        outs.append(gm(ids[:, t:t + 1], pos[:, t:t + 1], state).float())
+    got = torch.cat(outs, 1)                                              # (1, T, V)
+    d = drift(ref[:, prefill:], got[:, prefill:])
+    d.update(prefill=prefill, decode_steps=T - prefill)
+    for i, (k, l, c) in enumerate(zip(kinds, spec.layers, state.caches)):
+        want = k.bytes_held(l.kv.params, l, c.n_held)
+        have = c.nbytes()
+        if have != want:
+            raise PassError(f"layer {i}: its '{l.kv.kind}' cache ({l.kv.label()}) holds {have} "
+                            f"bytes after {c.n_held} tokens, its kind's accounting says {want}",
+                            pass_name=pass_name, previous=previous)
+    d["bytes_ok"] = True
+    d["kv_bytes"] = state.nbytes()
+    scale = max(ref.abs().max().item(), 1.0)
+    lossless = [i for i, (k, l) in enumerate(zip(kinds, spec.layers)) if k.lossless(l.kv.params)]
+    if len(lossless) == spec.n_layers and d["max_abs_logit"] > exact_atol * scale:
+        raise PassError(f"lossless KV caches changed the logits: max |Δlogit| = "
+                        f"{d['max_abs_logit']:.3g} over {T - prefill} decode steps (tolerance "
+                        f"{exact_atol * scale:.3g})", pass_name=pass_name, previous=previous)
+    return d

@@ -1,67 +1,91 @@
-"""assign_kv: choose each layer's KV representation (LayerSpec.kv) — e.g. KIVI 2/4-bit.
+"""assign_kv: choose each layer's KV representation (LayerSpec.kv), e.g. KIVI 2/4-bit.
 
-Only the spec changes (the runtime builds the matching cache container from it; the artifact
-manifest stores it per layer). Verification probes run without a KV cache (state=None), so this
-pass shows zero drift there by construction: measure its effect with streaming decode,
-`mcomp eval TARGET --kv kivi2 --streaming` (Session.streaming_perplexity).
+Only the spec changes: the runtime builds the matching cache from it (runtime/kv/, one file per
+kind) and the artifact manifest stores it per layer. The pass knows no kind: its config is a
+`--kv` shorthand (`kivi2:s4`, `dense:bf16`, ...) that runtime.kv.parse_kv resolves through the
+registry. The PassManager verifies this pass through real caches (prefill, then decode past
+the kind's lossy window; compiler/verify.py), so its drift in the report is measured.
 
-The `--kv` shorthand can also ask for rotations: `:hk` sets KVSpec.k_rotation (an online key
-rotation inside the KIVI cache; still only a spec change), `:hv` adds the rotate_v pass (a
-Hadamard rotation of V folded into v_proj/o_proj weights, stage "transform"), so one shorthand
-may stand for two passes (`kv_passes`).
+A shorthand may also ask for weight rewrites (KIVI's `:hv` adds rotate_v, a Hadamard rotation
+of V folded into v_proj/o_proj, stage "transform"); `kv_passes` returns them before assign_kv.
+This module is the one place where `--kv` text becomes passes: optimize (via the recipe), eval,
+eval --passkey and the benchmarks all call `kv_passes` / `apply_kv_flag`.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 from ..compiler import ir
-from ..compiler.passes import STAGES, Pass, PassConfig, PassResult, register_pass
-from ..compiler.spec import KV_BITS, KVSpec
+from ..compiler.passes import PASSES, STAGES, Pass, PassConfig, PassResult, register_pass
 from ..errors import ConfigError
+from ..runtime.kv import KVChoice, model_bytes_per_token, parse_kv
 # imported here so that loading the KV passes (recipe._load_pass_modules) registers rotate_v too
-from .rotate_v import RotateV
+from .rotate_v import RotateV  # noqa: F401
+
+# assign_kv v1 (flat KIVI fields) → v2 (one shorthand); kept so old recipes still load
+_V1_FIELDS = ("kind", "bits", "k_bits", "v_bits", "group_size", "residual", "sink", "k_axis",
+              "k_rotation", "dtype")
+
+
+def _v1_shorthand(d: Mapping[str, Any]) -> str:
+    kind = d.get("kind", "kivi")
+    if kind == "dense":
+        return {"float32": "dense", "bfloat16": "dense:bf16", "float16": "dense:fp16"}.get(
+            d.get("dtype", "float32"), "dense")
+    bits = d.get("bits", 4)
+    k, v = d.get("k_bits") or bits, d.get("v_bits") or bits
+    if k != v:
+        raise ConfigError("assign_kv: a v1 config with k_bits != v_bits has no shorthand; "
+                          "write `kv = \"kivi4\"` style configs (see docs/recipes.md)")
+    opts = [f"kivi{k}", f"g{d.get('group_size', 32)}", f"r{d.get('residual', 128)}"]
+    if d.get("sink"):
+        opts.append(f"s{d['sink']}")
+    if d.get("k_axis", "channel") == "token":
+        opts.append("kt")
+    if d.get("k_rotation", "none") == "hadamard":
+        opts.append("hk")
+    return ":".join(opts)
 
 
 @dataclass(frozen=True)
 class AssignKVConfig(PassConfig):
-    kind: str = "kivi"
-    bits: int = 4                    # K and V bits unless k_bits / v_bits say otherwise
-    k_bits: int = 0                  # 0 = bits
-    v_bits: int = 0                  # 0 = bits
-    group_size: int = 32
-    residual: int = 128
-    sink: int = 0
-    k_axis: str = "channel"
-    k_rotation: str = "none"         # none | hadamard: online post-RoPE key rotation (KVSpec)
-    dtype: str = "float32"           # fp residual / sink storage (dense: the cache dtype)
+    kv: str = "kivi4"                # a `--kv` shorthand without weight rewrites
     layers: tuple[int, ...] = ()     # layers to assign; empty = all
     skip_layers: tuple[int, ...] = ()  # layers left as they are (e.g. (0,) keeps layer 0 dense)
-    version: int = 1
+    version: int = 2
 
     def __post_init__(self):
-        if self.bits not in KV_BITS:
-            raise ConfigError(f"assign_kv: bits={self.bits} must be one of {KV_BITS}")
-        self.kv_spec()  # validates the rest
+        choice = self.choice()
+        if choice.rewrites:
+            raise ConfigError(f"assign_kv: '{self.kv}' also rewrites weights "
+                              f"({', '.join(choice.rewrites)}); list that pass before assign_kv in "
+                              "the recipe, or use kv_passes() for a shorthand")
 
-    def kv_spec(self) -> KVSpec:
-        if self.kind == "dense":
-            return KVSpec(kind="dense", dtype=self.dtype)
-        return KVSpec(kind=self.kind, dtype=self.dtype, k_bits=self.k_bits or self.bits,
-                      v_bits=self.v_bits or self.bits, group_size=self.group_size,
-                      residual=self.residual, sink=self.sink, k_axis=self.k_axis,
-                      k_rotation=self.k_rotation)
+    def choice(self) -> KVChoice:
+        return parse_kv(self.kv)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, where: str = "pass config"):
+        d = dict(d)
+        if "kv" not in d and any(k in d for k in _V1_FIELDS):      # v1 recipe
+            legacy = {k: d.pop(k) for k in _V1_FIELDS if k in d}
+            d["kv"] = _v1_shorthand(legacy)
+            d.pop("version", None)
+        return super().from_dict(d, where=where)
 
 
 @register_pass
 class AssignKV(Pass):
     name = "assign_kv"
     Config = AssignKVConfig
+    version = 2
     exact = False
     stage = "kv"
+    sets_kv = True      # the verifier runs it through real caches
 
     def run(self, gm, ctx) -> PassResult:
-        from ..runtime.kvcache import KV_REPRESENTATIONS
         spec = ir.get_spec(gm)
         cfg = self.config
         n = spec.n_layers
@@ -70,76 +94,26 @@ class AssignKV(Pass):
                 raise ConfigError(f"assign_kv: layer {i} out of range (model has {n} layers)")
         chosen = {i % n for i in cfg.layers} if cfg.layers else set(range(n))
         chosen -= {i % n for i in cfg.skip_layers}
-        kv = cfg.kv_spec()
-        KV_REPRESENTATIONS.get(kv.kind)
+        kv = cfg.choice().spec
 
-        def bpt(s):
-            return sum(KV_REPRESENTATIONS.get(l.kv.kind).bytes_per_token(l) for l in s.layers)
-
-        before = bpt(spec)
+        before = model_bytes_per_token(spec)
         new = spec
         for i in sorted(chosen):
-            new = new.with_layer(i, kv=kv)  # LayerSpec validates kv against head_dim
+            new = new.with_layer(i, kv=kv)  # LayerSpec validates kv against the layer
         ir.set_spec(gm, new)
         fp16 = sum(2 * l.kv_dim * 2 for l in new.layers)
-        after = bpt(new)
+        after = model_bytes_per_token(new)
         stats = {"layers": sorted(chosen), "kv": kv.label(),
                  "kv_bytes_per_token_before": before, "kv_bytes_per_token_after": after,
-                 "kv_ratio_vs_fp16": round(after / fp16, 4),
-                 "note": "verification probes run without a KV cache (state=None), so drift is "
-                         "zero here by construction; measure with `mcomp eval TARGET --kv ... "
-                         "--streaming`"}
+                 "kv_ratio_vs_fp16": round(after / fp16, 4)}
         return PassResult(gm, stats)
 
 
-def _parse_shorthand(text: str) -> tuple[AssignKVConfig, bool]:
-    """`--kv` text → (assign_kv config, whether V is rotated by the rotate_v pass)."""
-    parts = [p.strip().lower() for p in text.strip().split(":") if p.strip()]
-    if not parts:
-        raise ConfigError("--kv: empty value; expected e.g. kivi2, kivi4, kivi2:g32:r128:hv")
-    head = parts[0]
-    if head == "dense":
-        if len(parts) > 1:
-            raise ConfigError(f"--kv '{text}': dense takes no options")
-        return AssignKVConfig(kind="dense"), False
-    if not (head.startswith("kivi") and head[4:].isdigit()):
-        raise ConfigError(f"--kv '{text}': expected kivi2, kivi4, kivi8 or dense "
-                          "(options :gGROUP :rRESIDUAL :sSINK :kt :hk :hv)")
-    opts: dict = {"kind": "kivi", "bits": int(head[4:])}
-    rotate_v = False
-    names = {"g": "group_size", "r": "residual", "s": "sink"}
-    for p in parts[1:]:
-        if p == "kt":
-            opts["k_axis"] = "token"
-        elif p == "hk":
-            opts["k_rotation"] = "hadamard"
-        elif p == "hv":
-            rotate_v = True
-        elif p[:1] in names and p[1:].isdigit():
-            opts[names[p[0]]] = int(p[1:])
-        else:
-            raise ConfigError(f"--kv '{text}': unknown option '{p}' (use gN, rN, sN, kt, hk, hv)")
-    try:
-        return AssignKVConfig(**opts), rotate_v
-    except ConfigError as e:
-        raise ConfigError(f"--kv '{text}': {e}") from None
-
-
-def kv_shorthand(text: str) -> AssignKVConfig:
-    """`kivi2` / `kivi4` / `kivi8` (K and V bits, group 32, residual 128), optionally followed by
-    `:gN`, `:rN`, `:sN` (sink), `:kt` (per-token keys, ablation), `:hk` (Hadamard key rotation),
-    or `dense` → the assign_kv config. `:hv` is a weight rewrite, not a KV spec: use kv_passes."""
-    cfg, rotate_v = _parse_shorthand(text)
-    if rotate_v:
-        raise ConfigError(f"--kv '{text}': ':hv' rotates weights (the rotate_v pass), it is not "
-                          "part of a KV spec; build the passes with kv_passes()")
-    return cfg
-
-
 def kv_passes(text: str) -> list[Pass]:
-    """The passes a `--kv` shorthand stands for: [rotate_v] if `:hv`, then assign_kv."""
-    cfg, rotate_v = _parse_shorthand(text)
-    return ([RotateV()] if rotate_v else []) + [AssignKV(cfg)]
+    """The passes a `--kv` shorthand stands for: its weight rewrites, then assign_kv."""
+    choice = parse_kv(text)
+    rewrites = [PASSES.get(name)() for name in choice.rewrites]
+    return rewrites + [AssignKV(AssignKVConfig(kv=choice.text))]
 
 
 def with_kv_passes(recipe, passes: list[Pass]):
@@ -156,15 +130,11 @@ def with_kv_passes(recipe, passes: list[Pass]):
 
 
 def apply_kv_flag(gm, text: str) -> list[dict]:
-    """Apply a `--kv` shorthand to an existing IR (any float target; `:hv` needs float v_proj and
-    o_proj) without a pass manager; returns each pass's stats."""
+    """Apply a `--kv` shorthand to an existing IR (any target; weight rewrites such as `:hv`
+    need float weights) without a pass manager; returns each pass's stats. The one function
+    eval, passkey and the benchmarks use."""
     stats = []
     for p in kv_passes(text):
         p.check(gm)
         stats.append(p.run(gm, None).stats)
     return stats
-
-
-def apply_kv(gm, config: AssignKVConfig):
-    """Set the KV representation on an existing IR (any target) without a pass manager."""
-    return AssignKV(config).run(gm, None)

@@ -136,7 +136,7 @@ def decode_steps(gm: fx.GraphModule, prompts: Sequence[Sequence[int]], *, max_ne
             "degrade", longest, spec.max_positions)
     generator = make_generator(seed) if temperature > 0 else None
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long)
-    state = AttentionState(spec, B)
+    state = AttentionState(spec, B, model=gm)
     state.last_logits_only = True                               # sampling reads only [:, -1]
     finished = torch.zeros(B, dtype=torch.bool)                 # (B,)
     next_pos = lengths.clone()                                  # (B,) position of the next token

@@ -1,96 +1,91 @@
-"""KV representations and the per-forward attention state.
+"""The cache boundary: the per-layer KV container interface, the layer binding a cache may use,
+and the per-forward attention state shared by every layer.
 
-A KV representation is one class that knows how to append new K/V, how many bytes a token
-costs, and how to attend over what it holds (a pure-torch reference; fast kernels may
-override). The runtime builds one container per layer from that layer's KVSpec. New kinds
-(quantized, latent, rematerialized) register in KV_REPRESENTATIONS.
+A layer hands its cache (`KVCache.attend`) the post-RoPE queries, the K/V its projections made
+of the new tokens, the attention input `h` they were made from (the normed hidden state), and,
+through the `KVBinding` the cache was built with, the layer's K/V projections and RoPE as
+functions. A dense or KIVI cache stores the given K/V; a rematerializing cache (xquant) stores
+`h` (or a latent of it) and recomputes K/V through the binding. It returns the attention output.
+
+The kinds themselves (params, shorthand, bytes, cost, cache factory) live in runtime/kv/, one
+file each, registered in `runtime.kv.KV_KINDS`.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..compiler.spec import LayerSpec, ModelSpec
-from ..registry import Registry
 
-KV_REPRESENTATIONS: Registry = Registry("KV representation")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = DTYPES   # older name, kept for the kernels
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+class KVBinding:
+    """A layer's K/V projections and RoPE, resolved lazily in the model the state runs with (so
+    a pass that swaps a module, e.g. quantization, is seen). A cache that rematerializes K/V
+    from the attention input calls these; dense and KIVI caches never do."""
+
+    def __init__(self, model, layer: int):
+        self.model = model
+        self.layer = layer
+
+    def module(self, name: str):
+        return self.model.get_submodule(f"layers.{self.layer}.{name}")
+
+    def has(self, name: str) -> bool:
+        try:
+            self.module(name)
+            return True
+        except AttributeError:
+            return False
+
+    def rotary(self, positions: torch.Tensor):
+        """positions (B, T) → (cos, sin) (B, 1, T, D) of this layer's RoPE, or None (no RoPE)."""
+        from ..compiler import ir
+        spec = ir.get_spec(self.model)
+        rope = spec.layers[self.layer].rope
+        if rope is None:
+            return None
+        ropes = sorted({l.rope for l in spec.layers if l.rope is not None}, key=repr)
+        return self.model.get_submodule(f"rope.{ropes.index(rope)}")(positions)
 
 
 class KVCache:
-    """Interface of a per-layer KV container."""
+    """Interface of a per-layer KV container (built by its kind's `cache` factory)."""
 
-    def __init__(self, layer: LayerSpec, batch: int):
+    def __init__(self, layer: LayerSpec, batch: int, binding: KVBinding | None = None):
         self.layer = layer
         self.batch = batch
-        self.length = 0
+        self.binding = binding
+        self.length = 0          # tokens appended so far (evicted ones included)
+        self.n_evicted = 0       # tokens a sliding window dropped
 
-    @staticmethod
-    def bytes_per_token(layer: LayerSpec) -> int:
-        """Exact bytes one token costs in this layer (K and V, all KV heads, metadata included)."""
-        raise NotImplementedError
+    @property
+    def n_held(self) -> int:
+        return self.length - self.n_evicted
 
     def nbytes(self) -> int:
-        return self.bytes_per_token(self.layer) * self.length * self.batch
+        """Exact bytes of every tensor the cache holds, over their used extent."""
+        raise NotImplementedError
 
     # Evaluation mode for lossy representations: a multi-token chunk attends over the cache
     # exactly as token-by-token decode would have (each query sees what had been quantized by
     # its own step). Lossless representations have nothing to do.
     quantize_before_attend: bool = False
 
-    def load(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def load(self, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor | None = None) -> None:
         """Store K/V as the model computed them (B, Hkv, T, D), as `attend` with a prefill chunk
         would, without attending (e.g. to fill this cache from another cache's prefill). A
         representation that keeps keys in another basis maps them here, as in `attend`."""
         self.append(k, v)
 
-    def attend(self, q, k, v, scale: float, mask: torch.Tensor) -> torch.Tensor:
-        """Append k/v (B, Hkv, T, D), then attend q (B, Hq, T, D) over the whole cache.
+    def attend(self, q, k, v, scale: float, mask: torch.Tensor, h: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Take the new tokens (k/v (B, Hkv, T, D) post-RoPE, h (B, T, hidden) the attention
+        input they were projected from), then attend q (B, Hq, T, D) over the whole cache.
         mask: (B, 1, T, S) bool, True = may attend; None = causal over exactly these T tokens
         (the cache was empty). Returns (B, Hq, T, D)."""
         raise NotImplementedError
-
-
-@KV_REPRESENTATIONS.register("dense")
-class DenseKVCache(KVCache):
-    """Full-precision K/V in a preallocated buffer that grows by doubling (amortized O(1) append)."""
-
-    def __init__(self, layer: LayerSpec, batch: int):
-        super().__init__(layer, batch)
-        self.dtype = _DTYPES[layer.kv.dtype]
-        self.k = self.v = None
-
-    @staticmethod
-    def bytes_per_token(layer: LayerSpec) -> int:
-        return 2 * layer.kv_dim * _DTYPES[layer.kv.dtype].itemsize
-
-    def _reserve(self, need: int, like: torch.Tensor) -> None:
-        cap = 0 if self.k is None else self.k.shape[2]
-        if need <= cap:
-            return
-        new_cap = max(need, 2 * cap, 64)
-        B, H, _, D = like.shape
-        k = like.new_empty((B, H, new_cap, D), dtype=self.dtype)
-        v = like.new_empty((B, H, new_cap, D), dtype=self.dtype)
-        if self.k is not None:
-            k[:, :, : self.length] = self.k[:, :, : self.length]
-            v[:, :, : self.length] = self.v[:, :, : self.length]
-        self.k, self.v = k, v
-
-    def append(self, k, v):
-        T = k.shape[2]
-        self._reserve(self.length + T, k)
-        self.k[:, :, self.length : self.length + T] = k
-        self.v[:, :, self.length : self.length + T] = v
-        self.length += T
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
-
-    def attend(self, q, k, v, scale, mask):
-        k_all, v_all = self.append(k, v)  # (B, Hkv, S, D)
-        return F.scaled_dot_product_attention(
-            q, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=mask, is_causal=mask is None,
-            scale=scale, enable_gqa=q.shape[1] != k_all.shape[1])
 
 
 class AttentionState:
@@ -100,8 +95,17 @@ class AttentionState:
     Usage per forward: `state.begin(positions, valid)` then `model(ids, positions, state)`.
     """
 
-    def __init__(self, spec: ModelSpec, batch: int, quantize_before_attend: bool = False):
-        self.caches = [KV_REPRESENTATIONS.get(l.kv.kind)(l, batch) for l in spec.layers]
+    def __init__(self, spec: ModelSpec, batch: int, quantize_before_attend: bool = False,
+                 model=None):
+        from ..errors import ConfigError
+        from .kv import KV_KINDS
+        self.caches = []
+        for i, l in enumerate(spec.layers):
+            kind = KV_KINDS.get(l.kv.kind)
+            if kind.needs_binding and model is None:
+                raise ConfigError(f"layer {i}: a '{l.kv.kind}' cache recomputes K/V through the "
+                                  "model's projections: build AttentionState(..., model=gm)")
+            self.caches.append(kind.cache(l, batch, KVBinding(model, i) if model is not None else None))
         for c in self.caches:  # see KVCache.quantize_before_attend
             c.quantize_before_attend = quantize_before_attend
         self.batch = batch
@@ -144,8 +148,8 @@ class AttentionState:
             self._masks[window] = m[:, None]
         return self._masks[window]
 
-    def attend(self, layer: int, q, k, v, scale: float, window: int | None):
-        return self.caches[layer].attend(q, k, v, scale, self.mask(window))
+    def attend(self, layer: int, q, k, v, h, scale: float, window: int | None):
+        return self.caches[layer].attend(q, k, v, scale, self.mask(window), h=h)
 
     @property
     def length(self) -> int:
@@ -155,4 +159,4 @@ class AttentionState:
         return sum(c.nbytes() for c in self.caches)
 
 
-from . import kv as _kv  # noqa: E402,F401  registers the non-dense representations
+from . import kv as _kv  # noqa: E402,F401  registers the kinds

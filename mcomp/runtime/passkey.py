@@ -235,7 +235,7 @@ def prefill(gm: fx.GraphModule, spec: ModelSpec, ids: Sequence[int]) -> Attentio
     `spec`; the logits are not computed beyond the last position and not returned."""
     x = torch.tensor([list(ids)], dtype=torch.long)                   # (1, T)
     pos = torch.arange(x.shape[1])[None]                              # (1, T)
-    state = AttentionState(spec, 1)
+    state = AttentionState(spec, 1, model=gm)
     state.last_logits_only = True
     with torch.inference_mode():
         state.begin(pos)

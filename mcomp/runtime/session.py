@@ -325,7 +325,8 @@ class Session:
         mode "prefill": one forward per window over a cache in quantize-before-attend mode: every
         query attends to exactly the state streaming decode would have had at its step (equal to
         "stream" up to float rounding, much faster)."""
-        from .kvcache import KV_REPRESENTATIONS, AttentionState
+        from .kv import model_bytes_per_token
+        from .kvcache import AttentionState
         import time
 
         if mode not in STREAM_MODES:
@@ -348,7 +349,8 @@ class Session:
             tgt = x[:, 1:]                                                 # (b, ctx-1)
             with torch.inference_mode():
                 base = self.gm(x, pos, None)                               # (b, ctx, V)
-            state = AttentionState(self.spec, b, quantize_before_attend=mode == "prefill")
+            state = AttentionState(self.spec, b, quantize_before_attend=mode == "prefill",
+                                   model=self.gm)
             if mode == "prefill":
                 with torch.inference_mode():
                     state.begin(pos)
@@ -375,7 +377,7 @@ class Session:
             _report(progress, done, total)
         scored = W * (ctx - 1)
         labels = sorted({l.kv.label() for l in self.spec.layers})
-        bpt = sum(KV_REPRESENTATIONS.get(l.kv.kind).bytes_per_token(l) for l in self.spec.layers)
+        bpt = model_bytes_per_token(self.spec)
         return {"ppl": math.exp(nll / scored), "nll": nll / scored,
                 "base_ppl": math.exp(base_nll / scored), "kld": kld / scored,
                 "top1_agreement": top1 / scored, "tokens_scored": scored, "windows": W, "ctx": ctx,

@@ -133,9 +133,11 @@ def test_round_trip_rtn_tied_head(saved, tok_dir):
     assert art.gm.get_submodule("layers.1.down_proj").mcomp_layer == 1
 
     m = art.manifest
-    assert m["format"] == FORMAT and m["format_version"] == 1 and m["source"] == "tiny"
+    assert m["format"] == FORMAT and m["format_version"] == 3 and m["source"] == "tiny"
     assert ModelSpec.from_dict(m["model"]) == ir.get_spec(gm)
-    assert m["kv"] == [{"layer": i, "kind": "dense", "dtype": "float32"} for i in range(2)]
+    assert "kv" not in m        # KV facts live once, in the per-layer model spec
+    assert [l["kv"] for l in m["model"]["layers"]] == [
+        {"kind": "dense", "params": {"dtype": "float32", "version": 1}}] * 2
     assert m["weights"]["layers.0.q_proj"]["kind"] == "quantized"
     assert m["weights"]["layers.0.q_proj"]["scheme"]["group_size"] == 32
     assert m["weights"]["lm_head"] == {"kind": "float", "shape": [VOCAB, HIDDEN], "scheme": None,
@@ -158,7 +160,7 @@ def test_round_trip_rtn_tied_head(saved, tok_dir):
     # no pickle anywhere: the weights file is safetensors with our metadata
     from safetensors import safe_open
     with safe_open(str(path / "model.safetensors"), "pt") as f:
-        assert f.metadata() == {"format": "mcomp-artifact", "format_version": "1"}
+        assert f.metadata() == {"format": "mcomp-artifact", "format_version": "3"}
 
 
 @pytest.mark.parametrize("case", ["rtn_head", "float_untied", "float_tied"])
@@ -193,7 +195,7 @@ def test_round_trip_fuse_qkv(tmp_path):
 def test_round_trip_heterogeneous(tmp_path):
     layers = (_layer(heads=4, kv_heads=2, ffn=96, qkv_bias=True),
               _layer(heads=2, kv_heads=1, ffn=40, qk_norm=True, window=6, o_bias=True,
-                     kv=KVSpec(kind="dense", dtype="float32")),
+                     kv=KVSpec("dense")),
               _layer(heads=6, kv_heads=3, head_dim=8, ffn=64, mlp_bias=True, down_bias=True))
     gm, report = _compile(_spec(layers), [FuseQKV(), _rtn(skip_layers=(2,))])
     path = save_artifact(gm, tmp_path / "a", tokenizer_dir=None, source="hetero", report=report)
@@ -273,11 +275,12 @@ def test_edited_manifest_with_recomputed_digest_fails_shape_check(saved):
 @pytest.mark.parametrize("rehash", [True, False])
 def test_unsupported_format_version(saved, rehash):
     _, _, path = saved
-    _rewrite_manifest(path, lambda m: m.update(format_version=3), rehash=rehash)
+    _rewrite_manifest(path, lambda m: m.update(format_version=4), rehash=rehash)
     with pytest.raises(ArtifactError) as e:
         load_artifact(path)
     msg = _one_line_error(e)
-    assert "format version 3" in msg and "version 1, 2" in msg and "manifest.json" in msg
+    assert "format version 4" in msg and "version 1, 2, 3" in msg and "manifest.json" in msg
+    assert "upgrade mcomp" in msg
 
 
 def test_header_disagreeing_with_manifest(saved):

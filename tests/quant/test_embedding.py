@@ -160,7 +160,7 @@ def test_tied_round_trip(tmp_path, quantizer):
     assert isinstance(g2.embed, QuantEmbedding) and head_is_tied(g2)
     assert g2.lm_head.qweight is g2.embed.qweight and ir.get_spec(g2).tie_embeddings
     m = art.manifest
-    assert m["format_version"] == 2
+    assert m["format_version"] == 3
     assert m["weights"]["embed"]["kind"] == "quantized"
     assert m["weights"]["embed"]["scheme"] == gm.embed.scheme.to_dict()
     assert m["weights"]["lm_head"]["tied_to"] == "embed" and m["weights"]["lm_head"]["bytes"] == 0
@@ -171,7 +171,7 @@ def test_tied_round_trip(tmp_path, quantizer):
     assert _stored_bytes(m) == ir.weight_bytes(gm) == ir.weight_bytes(g2)
     assert m["weights"]["embed"]["bytes"] == gm.embed.scheme.nbytes(128, 64)
     with safe_open(str(path / "model.safetensors"), "pt") as f:
-        assert f.metadata()["format_version"] == "2"
+        assert f.metadata()["format_version"] == "3"
     # a loaded artifact saves again unchanged
     again = load_artifact(save_artifact(g2, tmp_path / "b", tokenizer_dir=None, source="tiny"))
     assert torch.equal(_logits(g2), _logits(again.gm))
@@ -188,18 +188,17 @@ def test_untied_round_trip(tmp_path):
     assert art.gm.lm_head.qweight is not art.gm.embed.qweight
 
 
-def test_float_embedding_artifact_stays_version_1(tmp_path):
-    """An fp-embedding artifact is written exactly in the version-1 layout (no `embed` entry,
-    `embed.weight` stored, head tied as before) and still loads: old artifacts and old readers
-    keep working."""
+def test_float_embedding_artifact_layout(tmp_path):
+    """An fp-embedding artifact keeps the version-1 weight layout (no `embed` entry,
+    `embed.weight` stored, head tied as before) inside a version-3 manifest."""
     gm = _rtn().run(tiny_gm(), None).gm
     path = save_artifact(gm, tmp_path / "a", tokenizer_dir=None, source="tiny")
     m = json.loads((path / "manifest.json").read_text())
-    assert m["format_version"] == 1 and "embed" not in m["weights"]
+    assert m["format_version"] == 3 and "embed" not in m["weights"]
     assert m["weights"]["lm_head"] == {"kind": "float", "shape": [128, 64], "scheme": None,
                                        "bytes": 0, "tied_to": "embed"}
     with safe_open(str(path / "model.safetensors"), "pt") as f:
-        assert f.metadata() == {"format": "mcomp-artifact", "format_version": "1"}
+        assert f.metadata() == {"format": "mcomp-artifact", "format_version": "3"}
     art = load_artifact(path)
     assert torch.equal(_logits(gm), _logits(art.gm))
     assert art.gm.lm_head.weight is art.gm.embed.weight

@@ -31,7 +31,10 @@ from mcomp.runtime import kernels
 from mcomp.runtime.kernels import kivi_attention as ka
 from mcomp.runtime.kv.kivi import (KIVICache, pack_planar, quantize_minmax, quantized_at,
                                    reference_decode, unpack_planar)
-from mcomp.runtime.kvcache import KV_REPRESENTATIONS, AttentionState, DenseKVCache
+from mcomp.runtime.kv import KV_KINDS, bytes_per_token
+from mcomp.runtime.kv.dense import DenseParams
+from mcomp.runtime.kv.kivi import KIVIParams
+from mcomp.runtime.kvcache import AttentionState
 
 from helpers import tiny_gm, tiny_spec
 
@@ -41,8 +44,8 @@ needs_kernel = pytest.mark.skipif(not ka.available(), reason=f"KIVI kernel unava
 
 
 def kivi(bits=2, kb=None, vb=None, g=8, r=8, sink=0, axis="channel"):
-    return KVSpec(kind="kivi", k_bits=kb or bits, v_bits=vb or bits, group_size=g, residual=r,
-                  sink=sink, k_axis=axis)
+    return KVSpec("kivi", KIVIParams(k_bits=kb or bits, v_bits=vb or bits, group_size=g,
+                                     residual=r, sink=sink, k_axis=axis))
 
 
 def layer(kv, heads=4, kv_heads=2, head_dim=16, window=None):
@@ -59,23 +62,40 @@ def with_kv(spec, kv):
 # ----------------------------------------------------------------------------- spec
 
 
-def test_kvspec_defaults_and_old_manifests():
-    assert KVSpec().kind == "dense"
-    old = KVSpec.from_dict({"kind": "dense", "dtype": "float32"})   # pre-KIVI manifest entry
-    assert old == KVSpec()
+def test_kvspec_defaults_and_round_trip():
+    assert KVSpec().kind == "dense" and KVSpec().params == DenseParams("float32")
+    assert KVSpec.from_dict({"kind": "dense"}) == KVSpec()
     s = kivi(2, g=32, r=128)
     assert KVSpec.from_dict(s.to_dict()) == s
-    assert KV_REPRESENTATIONS.get("kivi") is KIVICache
+    assert s.to_dict()["params"]["version"] == KIVIParams.VERSION
+    assert isinstance(KV_KINDS.get("kivi").cache(layer(kivi()), 1, None), KIVICache)
+
+
+def test_kvspec_params_versions():
+    d = kivi(2).to_dict()
+    d["params"]["version"] = KIVIParams.VERSION + 1
+    with pytest.raises(ConfigError, match="newer than this mcomp reads"):
+        KVSpec.from_dict(d)
+    with pytest.raises(ConfigError, match="unknown field"):
+        KVSpec.from_dict({"kind": "kivi", "k_bits": 2})     # a flat (format-2) record
+    with pytest.raises(ConfigError, match="takes KIVIParams"):
+        KVSpec("kivi", DenseParams())
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(kind="kivi", k_bits=3), "k_bits"), (dict(kind="kivi", v_bits=16), "v_bits"),
-    (dict(kind="kivi", group_size=0), "group_size"), (dict(kind="kivi", residual=-1), "residual"),
-    (dict(kind="kivi", sink=-2), "sink"), (dict(kind="kivi", k_axis="head"), "k_axis"),
-    (dict(kind="nope"), "unknown kind"), (dict(dtype="int8"), "dtype")])
-def test_kvspec_validation(kw, msg):
+    (dict(k_bits=3), "k_bits"), (dict(v_bits=16), "v_bits"),
+    (dict(group_size=0), "group_size"), (dict(residual=-1), "residual"),
+    (dict(sink=-2), "sink"), (dict(k_axis="head"), "k_axis"), (dict(dtype="int8"), "dtype")])
+def test_kivi_params_validation(kw, msg):
     with pytest.raises(ConfigError, match=msg):
-        KVSpec(**kw)
+        KIVIParams(**kw)
+
+
+def test_kvspec_unknown_kind_lists_registered():
+    with pytest.raises(ConfigError, match="unknown KV representation 'nope'; choose one of: dense, kivi"):
+        KVSpec("nope")
+    with pytest.raises(ConfigError, match="dtype"):
+        DenseParams("int8")
 
 
 def test_layer_checks_value_groups_against_head_dim():
@@ -152,15 +172,15 @@ def test_chunked_append_equals_token_by_token():
 def test_bytes_per_token_formula_and_smollm2_ratio():
     ls = LayerSpec(n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=8, kv=kivi(2, g=32, r=128))
     # per kv head: K codes 16 + K scale/min 2*2*64/32 = 8; V codes 16 + V scale/min 2 groups*4 = 8
-    assert KIVICache.bytes_per_token(ls) == 3 * (16 + 8 + 16 + 8) == 144
-    fp16 = DenseKVCache.bytes_per_token(layer(KVSpec(dtype="float16"), 9, 3, 64))
+    assert bytes_per_token(ls) == 3 * (16 + 8 + 16 + 8) == 144
+    fp16 = bytes_per_token(layer(KVSpec("dense", DenseParams("float16")), 9, 3, 64))
     assert fp16 == 768 and 144 / 768 == 0.1875
     ls64 = LayerSpec(n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=8, kv=kivi(2, g=64))
-    assert KIVICache.bytes_per_token(ls64) / fp16 == 0.15625
+    assert bytes_per_token(ls64) / fp16 == 0.15625
     ls4 = LayerSpec(n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=8, kv=kivi(4, g=32))
-    assert KIVICache.bytes_per_token(ls4) == 3 * (32 + 8 + 32 + 8)
+    assert bytes_per_token(ls4) == 3 * (32 + 8 + 32 + 8)
     odd = LayerSpec(n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=8, kv=kivi(4, g=48))
-    assert KIVICache.bytes_per_token(odd) == pytest.approx(8 + 64 / 48 + 8 + 4)
+    assert bytes_per_token(odd) == pytest.approx(8 + 64 / 48 + 8 + 4)
 
 
 @pytest.mark.parametrize("n", [0, 3, 17, 40, 100])
@@ -174,8 +194,9 @@ def test_nbytes_exact(n, axis):
     held = sum(t.numel() * t.element_size() for t in c.tensors().values())
     assert c.nbytes() == held
     fp_tokens = c.n_sink_held + c.n_res
-    assert c.nbytes() == 2 * (c.n_q * KIVICache.bytes_per_token(ls) + fp_tokens * 2 * 2 * 16 * 4)
+    assert c.nbytes() == 2 * (c.n_q * bytes_per_token(ls) + fp_tokens * 2 * 2 * 16 * 4)
     assert c.capacity_nbytes() >= c.nbytes()
+    assert c.nbytes() == KV_KINDS.get("kivi").bytes_held(kv.params, ls, n) * 2   # batch 2
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -357,7 +378,8 @@ def test_streaming_with_kernel_equals_reference_through_model(window, k_rotation
     comparison would read as a kernel error; the per-layer tests above carry the kernel check."""
     if not ka.available():
         pytest.skip("kernel unavailable")
-    kv = dataclasses.replace(kivi(2, g=4, r=4, sink=1), k_rotation=k_rotation)
+    base = kivi(2, g=4, r=4, sink=1)
+    kv = KVSpec("kivi", dataclasses.replace(base.params, k_rotation=k_rotation))
     gm = kivi_gm(kv, window=window, seed=seed)
     ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(ids_seed))
     fast = stream_logits(gm, ids, prefill=5)

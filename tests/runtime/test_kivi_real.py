@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mcomp import data
-from mcomp.passes.assign_kv import apply_kv, kv_shorthand
+from mcomp.passes.assign_kv import apply_kv_flag
 from mcomp.runtime.session import Session
 from tests.conftest import require_model
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def session(kv: str) -> Session:
     require_model("smollm2-135m")
     s = Session.from_model("smollm2-135m")
-    apply_kv(s.gm, kv_shorthand(kv))
+    apply_kv_flag(s.gm, kv)
     s.spec = s.gm.meta["mcomp.spec"]
     return s
 

@@ -16,25 +16,28 @@ import torch
 from mcomp.compiler.hadamard import hadamard
 from mcomp.compiler.spec import KVSpec, LayerSpec
 from mcomp.errors import ConfigError
-from mcomp.runtime.kv.kivi import KIVICache
+from mcomp.runtime.kv.dense import DenseParams
+from mcomp.runtime.kv.kivi import KIVICache, KIVIParams
 
 from helpers import tiny_gm, tiny_spec
 from test_kivi import stream_logits, with_kv
 
 def kv(rot="hadamard", bits=2, g=4, r=4, sink=1):
-    return KVSpec(kind="kivi", k_bits=bits, v_bits=bits, group_size=g, residual=r, sink=sink,
-                  k_rotation=rot)
+    return KVSpec("kivi", KIVIParams(k_bits=bits, v_bits=bits, group_size=g, residual=r,
+                                     sink=sink, k_rotation=rot))
 
 
 def test_spec_validation_and_serialization():
     s = kv()
     assert KVSpec.from_dict(s.to_dict()) == s
-    assert KVSpec.from_dict({k: v for k, v in s.to_dict().items() if k != "k_rotation"}) == kv("none")
-    assert KVSpec().to_dict() == {"kind": "dense", "dtype": "float32"}
+    d = s.to_dict()
+    del d["params"]["k_rotation"]
+    assert KVSpec.from_dict(d) == kv("none")
+    assert KVSpec().to_dict() == {"kind": "dense", "params": {"dtype": "float32", "version": 1}}
     with pytest.raises(ConfigError, match="k_rotation 'x' not in none, hadamard"):
         kv("x")
-    with pytest.raises(ConfigError, match="needs a quantized kind"):
-        KVSpec(kind="dense", k_rotation="hadamard")
+    with pytest.raises(ConfigError, match="unknown field"):
+        DenseParams.from_dict({"k_rotation": "hadamard"})
     with pytest.raises(ConfigError, match="head_dim=12 is not a power of two"):
         LayerSpec(n_heads=2, n_kv_heads=1, head_dim=12, ffn_dim=8, kv=kv(g=4))
     LayerSpec(n_heads=2, n_kv_heads=1, head_dim=24, ffn_dim=8, kv=kv(g=4))   # blocks of 8

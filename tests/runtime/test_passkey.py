@@ -175,7 +175,7 @@ def test_prepare_scheme_leaves_the_session_alone(session):
     w = session.gm.state_dict()["layers.0.v_proj.weight"].clone()
     sc = pk.prepare_scheme(session.gm, "kivi2:hv:hk")
     assert session.gm.meta["mcomp.spec"] == before
-    assert sc.gm is not session.gm and sc.spec.layers[0].kv.k_rotation == "hadamard"
+    assert sc.gm is not session.gm and sc.spec.layers[0].kv.params.k_rotation == "hadamard"
     assert torch.equal(session.gm.state_dict()["layers.0.v_proj.weight"], w)
     assert not torch.equal(sc.gm.state_dict()["layers.0.v_proj.weight"], w)
     assert pk.prepare_scheme(session.gm, "kivi4").gm is session.gm

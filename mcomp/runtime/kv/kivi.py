@@ -45,7 +45,13 @@ growing with the context. The mask AttentionState builds still spans every colum
 appended; the cache maps it onto what it holds by dropping the evicted columns
 (`n_evicted` of them, right after the sink). Prefill chunks never evict.
 
-Byte accounting: `bytes_per_token(layer)` is the amortized cost of one token in the quantized
+Shorthand: `kivi2` / `kivi4` / `kivi8` (K and V bits, group 32, residual 128) with options
+`:gN` (group), `:rN` (fp residual), `:sN` (fp sink tokens), `:kt` (per-token keys, ablation),
+`:kB` / `:vB` (K or V bits other than the head's, e.g. `kivi2:k4`),
+`:hk` (online Hadamard key rotation, a params field) and `:hv` (Hadamard V rotation folded into
+v_proj/o_proj: a weight rewrite, the rotate_v pass, so the choice carries it as a rewrite).
+
+Byte accounting: `bytes_per_token` is the amortized cost of one token in the quantized
 store (codes + its share of the fp16 scales/mins, all KV heads, K and V); the fp sink and
 residual are a bounded overhead (≤ sink + residual + G − 1 tokens at `dtype`) it does not
 include. `nbytes()` is exact for the current state: the bytes of every tensor the cache holds,
@@ -54,19 +60,105 @@ counted over their used extent (the store grows by doubling; `capacity_nbytes()`
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
 
-from ...compiler.hadamard import hadamard
+from ...compiler.hadamard import hadamard, hadamard_block
 from ...compiler.spec import LayerSpec
-from ..kvcache import KV_REPRESENTATIONS, KVCache, _DTYPES
+from ...errors import ConfigError
+from ..kvcache import DTYPES, KVCache
+from . import KVChoice, KVCost, KVKind, KVParams, register_kind
 
 log = logging.getLogger("mcomp.runtime")
 
 SCALE_DTYPE = torch.float16
 _MIN_SCALE = 1e-5   # representable in fp16; keeps codes finite for constant groups
+
+
+KV_BITS = (2, 4, 8)
+K_ROTATIONS = ("none", "hadamard")
+
+
+@dataclass(frozen=True)
+class KIVIParams(KVParams):
+    """KIVI-style asymmetric quantization (module docstring). Keys per channel (scale/min per
+    (head, channel) over a block of `group_size` tokens) or, for ablations, per token
+    (`k_axis="token"`); values per token over groups of `min(group_size, head_dim)` channels.
+    The `residual` most recent tokens stay in `dtype` and are flushed into the quantized store
+    `group_size` tokens at a time; the first `sink` tokens are never quantized.
+    `k_rotation="hadamard"` rotates keys and queries online, after RoPE, by an orthonormal
+    Hadamard matrix (QuaRot): RoPE sits between k_proj and the cache, so this rotation cannot
+    be folded into weights; V rotation can (the rotate_v pass, `:hv`)."""
+
+    k_bits: int = 4
+    v_bits: int = 4
+    group_size: int = 32
+    residual: int = 128
+    sink: int = 0
+    k_axis: str = "channel"         # channel (KIVI) | token (ablation)
+    k_rotation: str = "none"        # none | hadamard (online, post-RoPE, on keys and queries)
+    dtype: str = "float32"          # the fp residual/sink storage
+
+    def __post_init__(self):
+        for name in ("k_bits", "v_bits"):
+            if getattr(self, name) not in KV_BITS:
+                raise ConfigError(f"kv kivi: {name}={getattr(self, name)} must be one of "
+                                  f"{', '.join(map(str, KV_BITS))}")
+        if type(self.group_size) is not int or self.group_size < 1:
+            raise ConfigError(f"kv kivi: group_size must be a positive integer, got {self.group_size}")
+        if type(self.residual) is not int or self.residual < 0:
+            raise ConfigError(f"kv kivi: residual must be an integer >= 0, got {self.residual}")
+        if type(self.sink) is not int or self.sink < 0:
+            raise ConfigError(f"kv kivi: sink must be an integer >= 0, got {self.sink}")
+        if self.k_axis not in ("channel", "token"):
+            raise ConfigError(f"kv kivi: k_axis '{self.k_axis}' must be 'channel' or 'token'")
+        if self.k_rotation not in K_ROTATIONS:
+            raise ConfigError(f"kv kivi: k_rotation '{self.k_rotation}' not in {', '.join(K_ROTATIONS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"kv kivi: dtype '{self.dtype}' not in {', '.join(DTYPES)}")
+
+    def label(self) -> str:
+        k = f"k{self.k_bits}" + ("t" if self.k_axis == "token" else "")
+        return (f"kivi-{k}v{self.v_bits}-g{self.group_size}-r{self.residual}"
+                + (f"-s{self.sink}" if self.sink else "")
+                + ("-hk" if self.k_rotation == "hadamard" else ""))
+
+    def check_layer(self, layer: LayerSpec) -> None:
+        D = layer.head_dim
+        gv = min(self.group_size, D)
+        if D % gv:
+            raise ConfigError(f"kv kivi: value channel group min(group_size={self.group_size}, "
+                              f"head_dim={D}) must divide head_dim")
+        if self.k_rotation == "hadamard":
+            hadamard_block(D)  # ConfigError when head_dim has no usable Hadamard block
+        for bits in (self.k_bits, self.v_bits):
+            if D % (8 // bits):
+                raise ConfigError(f"kv kivi: head_dim={D} must be a multiple of {8 // bits} to "
+                                  f"pack {bits}-bit codes")
+
+    @classmethod
+    def from_legacy(cls, flat: dict) -> "KIVIParams":
+        """The flat KIVI record of format-2 manifests and assign_kv v1 configs."""
+        keep = {f: flat[f] for f in ("k_bits", "v_bits", "group_size", "residual", "sink",
+                                     "k_axis", "k_rotation", "dtype") if f in flat}
+        return cls(**keep)
+
+
+def _kivi_option(opt: str, opts: dict) -> bool:
+    """Apply one shorthand option to `opts` (KIVIParams fields); False if not a KIVI option."""
+    names = {"g": "group_size", "r": "residual", "s": "sink", "k": "k_bits", "v": "v_bits"}
+    if opt == "kt":
+        opts["k_axis"] = "token"
+    elif opt == "hk":
+        opts["k_rotation"] = "hadamard"
+    elif opt[:1] in names and opt[1:].isdigit():
+        opts[names[opt[0]]] = int(opt[1:])
+    else:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- packing
@@ -126,19 +218,18 @@ def quantized_at(key_cols: torch.Tensor, query_cols: torch.Tensor, group: int, r
 
 # ----------------------------------------------------------------------------- cache
 
-@KV_REPRESENTATIONS.register("kivi")
 class KIVICache(KVCache):
     """KIVI streaming cache for one layer (see module docstring for layout and accounting)."""
 
-    def __init__(self, layer: LayerSpec, batch: int):
-        super().__init__(layer, batch)
-        kv = layer.kv
+    def __init__(self, layer: LayerSpec, batch: int, binding=None):
+        super().__init__(layer, batch, binding)
+        kv = layer.kv.params
         self.kv = kv
         self.G, self.R, self.n_sink = kv.group_size, kv.residual, kv.sink
         self.H, self.D = layer.n_kv_heads, layer.head_dim
         self.gv = min(kv.group_size, layer.head_dim)
         self.k_channel = kv.k_axis == "channel"
-        self.fp_dtype = _DTYPES[kv.dtype]
+        self.fp_dtype = DTYPES[kv.dtype]
         # (D, D) orthonormal key/query rotation, or None (module docstring)
         self.k_rot = hadamard(self.D) if kv.k_rotation == "hadamard" else None
         self.sink_k = self.sink_v = None     # (B, H, ns, D)
@@ -147,21 +238,9 @@ class KIVICache(KVCache):
         self.kq = self.vq = None             # (B, H, cap/G, G·D·bits/8) uint8
         self.ks = self.km = None             # channel: (B, H, cap/G, D); token: (B, H, cap, D/gv)
         self.vs = self.vm = None             # (B, H, cap/G, D/gv, G) fp16
-        self.n_evicted = 0                   # store tokens dropped from a sliding window
         self.last_path = None                # "kernel" | "reference" | "prefill": for tests
 
     # ------------------------------------------------------------------ accounting
-
-    @staticmethod
-    def bytes_per_token(layer: LayerSpec):
-        """Amortized bytes per token of the quantized store (K and V codes, fp16 scales and
-        mins, all KV heads). An int when exact, else a float (G not dividing the scale count)."""
-        kv, H, D = layer.kv, layer.n_kv_heads, layer.head_dim
-        G, gv, sb = kv.group_size, min(kv.group_size, D), SCALE_DTYPE.itemsize
-        k_meta = Fraction(2 * sb * D, G) if kv.k_axis == "channel" else Fraction(2 * sb * (D // gv))
-        per_head = Fraction(D * kv.k_bits, 8) + k_meta + Fraction(D * kv.v_bits, 8) + 2 * sb * (D // gv)
-        total = H * per_head
-        return int(total) if total.denominator == 1 else float(total)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the cache holds, over its used extent."""
@@ -217,7 +296,7 @@ class KIVICache(KVCache):
             self.res_k = self.res_k[:, :, n:].clone()
             self.res_v = self.res_v[:, :, n:].clone()
 
-    def load(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def load(self, k: torch.Tensor, v: torch.Tensor, h=None) -> None:
         """KVCache.load: keys enter the rotated basis first, as in `attend`."""
         self.append(k if self.k_rot is None else k @ self.k_rot.to(k.dtype), v)
 
@@ -305,7 +384,7 @@ class KIVICache(KVCache):
 
     # ------------------------------------------------------------------ attend
 
-    def attend(self, q, k, v, scale, mask):
+    def attend(self, q, k, v, scale, mask, h=None):
         """Append, then attend. Decode steps (T == 1) attend over the stored state: the fast
         kernel when available, else the reference. Multi-token chunks attend to their own
         tokens in full precision ("prefill attends in full precision, then stores quantized"),
@@ -404,3 +483,70 @@ def reference_decode(cache: KIVICache, q: torch.Tensor, scale: float, mask) -> t
     return F.scaled_dot_product_attention(
         q.float(), K, V, attn_mask=mask, is_causal=False, scale=scale,
         enable_gqa=q.shape[1] != K.shape[1]).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- the kind
+
+@register_kind
+class KIVI(KVKind):
+    name = "kivi"
+    Params = KIVIParams
+    syntax = "kivi2|kivi4|kivi8[:gN:rN:sN:kB:vB:kt:hk:hv]"
+
+    def parse(self, arg, options, text):
+        from ...compiler.spec import KVSpec
+        if not arg or int(arg) not in KV_BITS:
+            raise ConfigError(f"--kv '{text}': expected kivi2, kivi4 or kivi8 "
+                              "(options :gGROUP :rRESIDUAL :sSINK :kt :hk :hv)")
+        opts: dict = {"k_bits": int(arg), "v_bits": int(arg)}
+        rewrites: list[str] = []
+        for o in options:
+            if o == "hv":
+                rewrites.append("rotate_v")
+            elif not _kivi_option(o, opts):
+                raise ConfigError(f"--kv '{text}': unknown option '{o}' (use gN, rN, sN, kB, vB, "
+                                  "kt, hk, hv)")
+        text_spec = ":".join([f"kivi{arg}", *(o for o in options if o != "hv")])
+        return KVChoice(KVSpec("kivi", KIVIParams(**opts)), text_spec, tuple(rewrites))
+
+    def cache(self, layer, batch, binding):
+        return KIVICache(layer, batch, binding)
+
+    @staticmethod
+    def _store_per_token(p: KIVIParams, layer: LayerSpec) -> Fraction:
+        H, D = layer.n_kv_heads, layer.head_dim
+        G, gv, sb = p.group_size, min(p.group_size, D), SCALE_DTYPE.itemsize
+        k_meta = Fraction(2 * sb * D, G) if p.k_axis == "channel" else Fraction(2 * sb * (D // gv))
+        return H * (Fraction(D * p.k_bits, 8) + k_meta + Fraction(D * p.v_bits, 8)
+                    + 2 * sb * (D // gv))
+
+    def bytes_per_token(self, params, layer):
+        """Amortized bytes per token of the quantized store (K and V codes, fp16 scales and
+        mins, all KV heads). An int when exact, else a float (G not dividing the scale count)."""
+        total = self._store_per_token(params, layer)
+        return int(total) if total.denominator == 1 else float(total)
+
+    def held_split(self, params: KIVIParams, n_tokens: int) -> tuple[int, int, int]:
+        """(sink, store, residual) token counts after n tokens streamed in (no eviction)."""
+        ns = min(params.sink, n_tokens)
+        rest = n_tokens - ns
+        nq = max(0, (rest - params.residual) // params.group_size) * params.group_size
+        return ns, nq, rest - nq
+
+    def bytes_held(self, params, layer, n_tokens):
+        ns, nq, nr = self.held_split(params, n_tokens)
+        fp = 2 * layer.kv_dim * DTYPES[params.dtype].itemsize
+        return int((ns + nr) * fp + nq * self._store_per_token(params, layer))
+
+    def cost(self, params, layer, context):
+        ns, nq, nr = self.held_split(params, context)
+        fp = 2 * layer.kv_dim * DTYPES[params.dtype].itemsize
+        read = (ns + nr) * fp + nq * float(self._store_per_token(params, layer))
+        # logits and weighted sum: 2 MACs per (query head, token, channel), plus one dequantize
+        # FMA per code and KV head (the kernel unpacks each code once per GQA group)
+        flops = (2 * 2 * layer.n_heads * layer.head_dim * context
+                 + 2 * 2 * layer.n_kv_heads * layer.head_dim * nq)
+        return KVCost(bytes_read=read, flops=flops)
+
+    def verify_steps(self, params):
+        return params.residual + 2 * params.group_size
