@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from ..compiler import ir
 from ..compiler.passes import PASSES, STAGES, Pass, PassConfig, PassResult, register_pass
 from ..errors import ConfigError
-from ..runtime.kv import KVChoice, model_bytes_per_token, parse_kv
+from ..runtime.kv import KV_KINDS, KVChoice, model_bytes_per_token, parse_kv
 # imported here so that loading the KV passes (recipe._load_pass_modules) registers rotate_v too
 from .rotate_v import RotateV  # noqa: F401
 
@@ -95,6 +95,9 @@ class AssignKV(Pass):
         chosen = {i % n for i in cfg.layers} if cfg.layers else set(range(n))
         chosen -= {i % n for i in cfg.skip_layers}
         kv = cfg.choice().spec
+        if KV_KINDS.get(kv.kind).reads_input:
+            for i in sorted(chosen):
+                check_input_is_kv_input(gm, i, kv.kind)
 
         before = model_bytes_per_token(spec)
         new = spec
@@ -107,6 +110,20 @@ class AssignKV(Pass):
                  "kv_bytes_per_token_before": before, "kv_bytes_per_token_after": after,
                  "kv_ratio_vs_fp16": round(after / fp16, 4)}
         return PassResult(gm, stats)
+
+
+def check_input_is_kv_input(gm, layer: int, kind: str) -> None:
+    """A kind that stores the attention input h must get exactly what the layer's K/V
+    projections read; otherwise what it rematerializes is not the layer's K/V."""
+    attn = next(n for n in ir.nodes_by_role(gm, "attn") if n.meta["mcomp"].layer == layer)
+    h = attn.args[3] if len(attn.args) > 3 else None
+    srcs = {n.args[0] for n in gm.graph.nodes if n.op == "call_module"
+            and n.meta["mcomp"].layer == layer
+            and n.meta["mcomp"].role in ("k_proj", "v_proj", "qkv_proj")}
+    if h is None or srcs != {h}:
+        raise ConfigError(f"assign_kv: layer {layer}: a '{kind}' cache stores the attention "
+                          "input, but the attention node's input is not what the layer's K/V "
+                          "projections read")
 
 
 def kv_passes(text: str) -> list[Pass]:

@@ -72,9 +72,9 @@ def fold_site(gm: fx.GraphModule, group: list[fx.Node]) -> FoldSite | None:
     if not all(isinstance(gm.get_submodule(n.target), nn.Linear) for n in group):
         return None
     if x.op == "call_module" and isinstance(gm.get_submodule(x.target), (RMSNorm, LayerNorm)):
-        # the attention node takes the normed input too (the cache boundary); no cache kind
-        # stores it raw: dense and KIVI ignore it, and a kind that keeps a function of it must
-        # compute that through a linear of this group, which the fold then scales too
+        # the attention node takes the normed input too (the cache boundary): dense and KIVI
+        # ignore it, and xquant derives its latent basis from this group's K/V weights when its
+        # cache is built, so it sees the folded weights with the scaled input (still exact)
         users = {u for u in x.users if u.meta["mcomp"].role != "attn"}
         return FoldSite("norm", x.target) if users <= members else None
     roles = {n.meta["mcomp"].role for n in group}

@@ -79,10 +79,11 @@ class KVCache:
         representation that keeps keys in another basis maps them here, as in `attend`."""
         self.append(k, v)
 
-    def attend(self, q, k, v, scale: float, mask: torch.Tensor, h: torch.Tensor | None = None
-               ) -> torch.Tensor:
+    def attend(self, q, k, v, scale: float, mask: torch.Tensor, h: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
         """Take the new tokens (k/v (B, Hkv, T, D) post-RoPE, h (B, T, hidden) the attention
-        input they were projected from), then attend q (B, Hq, T, D) over the whole cache.
+        input they were projected from, positions (B, T) theirs, for RoPE through the binding),
+        then attend q (B, Hq, T, D) over the whole cache.
         mask: (B, 1, T, S) bool, True = may attend; None = causal over exactly these T tokens
         (the cache was empty). Returns (B, Hq, T, D)."""
         raise NotImplementedError
@@ -149,7 +150,8 @@ class AttentionState:
         return self._masks[window]
 
     def attend(self, layer: int, q, k, v, h, scale: float, window: int | None):
-        return self.caches[layer].attend(q, k, v, scale, self.mask(window), h=h)
+        return self.caches[layer].attend(q, k, v, scale, self.mask(window), h=h,
+                                         positions=self.q_pos)
 
     @property
     def length(self) -> int:

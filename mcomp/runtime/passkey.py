@@ -345,7 +345,9 @@ def prepare_scheme(gm: fx.GraphModule, scheme: str) -> PreparedScheme:
     finally:
         if target is gm:
             ir.set_spec(gm, saved)
-    shareable = all(isinstance(p, RotateV) for p in rewrites)
+    from .kv import KV_KINDS
+    shareable = (all(isinstance(p, RotateV) for p in rewrites)
+                 and all(KV_KINDS.get(l.kv.kind).loads_kv for l in spec.layers))
     v_rot = None
     if any(isinstance(p, RotateV) for p in rewrites):
         rv = next(p for p in rewrites if isinstance(p, RotateV))

@@ -108,6 +108,11 @@ class KVKind:
     syntax: ClassVar[str] = ""
     #: AttentionState must pass the model's binding (projections, RoPE) to build this cache
     needs_binding: ClassVar[bool] = False
+    #: the cache can be filled from another cache's K/V (`KVCache.load`; passkey shares a prefill)
+    loads_kv: ClassVar[bool] = True
+    #: the cache stores (a function of) the attention input h: assign_kv checks that h is what
+    #: the layer's K/V projections read
+    reads_input: ClassVar[bool] = False
 
     def parse(self, arg: str, options: list[str], text: str) -> KVChoice:
         raise NotImplementedError
@@ -196,3 +201,4 @@ def parse_kv(text: str) -> KVChoice:
 # the kinds (one import line each)
 from . import dense  # noqa: E402,F401
 from . import kivi  # noqa: E402,F401
+from . import xquant  # noqa: E402,F401

@@ -62,7 +62,7 @@ class DenseKVCache(KVCache):
             return 0
         return 2 * self.k[:, :, : self.length].numel() * self.k.element_size()
 
-    def attend(self, q, k, v, scale, mask, h=None):
+    def attend(self, q, k, v, scale, mask, h=None, positions=None):
         k_all, v_all = self.append(k, v)  # (B, Hkv, S, D)
         return F.scaled_dot_product_attention(
             q, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=mask, is_causal=mask is None,

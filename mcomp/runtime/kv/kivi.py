@@ -384,7 +384,7 @@ class KIVICache(KVCache):
 
     # ------------------------------------------------------------------ attend
 
-    def attend(self, q, k, v, scale, mask, h=None):
+    def attend(self, q, k, v, scale, mask, h=None, positions=None):
         """Append, then attend. Decode steps (T == 1) attend over the stored state: the fast
         kernel when available, else the reference. Multi-token chunks attend to their own
         tokens in full precision ("prefill attends in full precision, then stores quantized"),
