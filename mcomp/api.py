@@ -125,6 +125,9 @@ def _scheme_label(mod) -> str:
     return "fp32" if scheme is None else scheme.label()
 
 
+COST_CONTEXTS = (2048, 8192)
+
+
 def inspect(target: str | os.PathLike = DEFAULT_MODEL) -> dict:
     """Per-layer structure, weight bytes and schemes, KV bytes per token; plus totals; every
     linear's format; for a mixed-precision artifact its plan with predicted vs measured bytes."""
@@ -147,13 +150,19 @@ def inspect(target: str | os.PathLike = DEFAULT_MODEL) -> dict:
         layers.append({"layer": i, "heads": ls.n_heads, "kv_heads": ls.n_kv_heads,
                        "head_dim": ls.head_dim, "ffn": ls.ffn_dim, "window": ls.window,
                        "weight_bytes": ir.module_bytes(block), "schemes": schemes,
-                       "kv": ls.kv.kind, "kv_bytes_per_token": kv_bpt})
+                       "kv": ls.kv.kind, "kv_label": ls.kv.label(), "kv_bytes_per_token": kv_bpt,
+                       # the kind's cost model: one decode step over COST_CONTEXTS tokens
+                       "kv_decode_cost": {n: kvrep.decode_cost(ls, n).to_dict()
+                                          for n in COST_CONTEXTS}})
     other = ir.weight_bytes(gm) - sum(l["weight_bytes"] for l in layers)
     return {"target": str(target), "family": spec.family, "layers": layers,
             "totals": {"weight_bytes": ir.weight_bytes(gm),
                        "linear_weight_bytes": ir.linear_weight_bytes(gm),
                        "embedding_and_head_bytes": other,
                        "kv_bytes_per_token": sum(l["kv_bytes_per_token"] for l in layers),
+                       "kv_decode_cost": {n: {k: sum(l["kv_decode_cost"][n][k] for l in layers)
+                                              for k in ("bytes_read", "flops")}
+                                          for n in COST_CONTEXTS},
                        "n_layers": spec.n_layers, "vocab_size": spec.vocab_size,
                        "hidden_size": spec.hidden_size, "tie_embeddings": spec.tie_embeddings,
                        "embedding": _scheme_label(gm.get_submodule("embed")),

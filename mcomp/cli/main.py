@@ -334,7 +334,7 @@ def inspect(target, as_json):
     for l in info["layers"]:
         t.add_row(str(l["layer"]), str(l["heads"]), str(l["kv_heads"]), str(l["head_dim"]),
                   str(l["ffn"]), str(l["window"] or "-"), _mb(l["weight_bytes"]),
-                  ", ".join(l["schemes"]), f"{l['kv_bytes_per_token']} ({l['kv']})")
+                  ", ".join(l["schemes"]), f"{l['kv_bytes_per_token']} ({l['kv_label']})")
     out.print(t)
     if info.get("mixed"):
         _print_plan(info["mixed"])
@@ -343,6 +343,10 @@ def inspect(target, as_json):
               f"{_mb(tot['linear_weight_bytes'])}, embedding/head/norms "
               f"{_mb(tot['embedding_and_head_bytes'])}); KV cache {tot['kv_bytes_per_token']} bytes/token "
               f"({tot['kv_bytes_per_token'] * 2048 / 1e6:.1f} MB at 2048 tokens)")
+    costs = "; ".join(f"at {n} tokens {c['bytes_read'] / 1e6:.1f} MB read, {c['flops'] / 1e9:.2f} GFLOP"
+                      for n, c in tot["kv_decode_cost"].items())
+    out.print(f"KV cost model, one decode step over all layers (attention and any "
+              f"rematerialization, batch 1): {costs}")
     head = "tied (shares the table)" if tot["tie_embeddings"] else tot["lm_head"]
     out.print(f"embedding {tot['embedding']}; lm_head {head}")
 

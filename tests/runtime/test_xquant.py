@@ -58,10 +58,10 @@ def test_full_rank_fp_streaming_equals_no_cache(spec_kw):
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
 
 
-def layer_and_cache(bits=8, rank=0, residual=0, G=4):
+def layer_and_cache(bits=8, rank=0, residual=0, G=4, basis="split"):
     """A one-layer model whose layer-0 cache we drive directly, plus random inputs."""
     gm = tiny_gm(tiny_spec(n_layers=1))
-    apply_kv_flag(gm, f"xquant:{bits}:res{residual}:g{G}" + (f":r{rank}" if rank else ""))
+    apply_kv_flag(gm, f"xquant:{bits}:res{residual}:g{G}:{basis}" + (f":r{rank}" if rank else ""))
     st = AttentionState(ir.get_spec(gm), 1, model=gm)
     return gm, st.caches[0]
 
@@ -71,15 +71,17 @@ def oracle(cache: XQuantCache, gm, h, q, positions, scale, latent):
     factors, RoPE at the positions, then SDPA."""
     B, S, _ = latent.shape
     H, D = cache.H, cache.D
-    k = (latent @ cache.Bk.T + cache.bk).view(B, S, H, D).transpose(1, 2)
-    v = (latent @ cache.Bv.T + cache.bv).view(B, S, H, D).transpose(1, 2)
+    k = (latent[..., cache.k_cols] @ cache.Bk.T + cache.bk).view(B, S, H, D).transpose(1, 2)
+    v = (latent[..., cache.v_cols] @ cache.Bv.T + cache.bv).view(B, S, H, D).transpose(1, 2)
     cos, sin = gm.get_submodule("rope.0")(positions)
     k = apply_rope(k, cos, sin)
     return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
 
 
-def test_decode_matches_oracle_on_the_dequantized_latent():
-    gm, c = layer_and_cache(bits=2, G=4, residual=4)
+@pytest.mark.parametrize("basis", ["split", "stacked"])
+@pytest.mark.parametrize("rank", [0, 48])
+def test_decode_matches_oracle_on_the_dequantized_latent(basis, rank):
+    gm, c = layer_and_cache(bits=2, G=4, residual=4, basis=basis, rank=rank)
     g = torch.Generator().manual_seed(1)
     S, scale = 27, 0.25
     h = torch.randn(1, S, 64, generator=g)
@@ -94,11 +96,12 @@ def test_decode_matches_oracle_on_the_dequantized_latent():
 
 
 def _bound_and_error(bits):
-    """xquant:BITS vs the exact (fp latent) attention. The only error is the latent's rounding,
+    """xquant:BITS (stacked basis: every latent channel quantized per channel) vs the exact (fp
+    latent) attention. The only error is the latent's rounding,
     |δL_sc| ≤ e_c = max_b s_bc / 2 (half the fp16 scale of channel c). Per KV head h, RoPE is
     orthogonal, so |q·δk_s| ≤ ‖q‖·Σ_c e_c‖B_k,h[:, c]‖ =: δz/scale; the softmax weights move by
     ‖δp‖₁ ≤ e^{2δz} − 1; and output coordinate d by ‖δp‖₁·max|V| + Σ_c |B_v[d, c]|·e_c."""
-    gm, c = layer_and_cache(bits=bits, G=4, residual=0)
+    gm, c = layer_and_cache(bits=bits, G=4, residual=0, basis="stacked")
     g = torch.Generator().manual_seed(2)
     S, scale = 32, 0.25
     h = torch.randn(1, S, 64, generator=g)
@@ -143,9 +146,11 @@ def test_quantize_before_attend_equals_streaming():
 
 def test_bytes_shorthand_and_smollm2_accounting():
     p = parse_kv("xquant:2").spec.params
-    assert p == XQuantParams(bits=2)
+    assert p == XQuantParams(bits=2) and p.basis == "split"
     smol = LayerSpec(n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=8, kv=KVSpec("xquant", p))
-    # full rank 2·192 = 384: 2-bit codes 96 B + fp16 scale/min per channel per 32 tokens 48 B
+    # full rank 2·192 = 384: 2-bit codes 96 B; K latent 192 ch.: fp16 scale/min per channel per
+    # 32 tokens 24 B; V latent: per token, 6 groups of 32 channels, 24 B
+    assert bytes_per_token(dataclasses.replace(smol, kv=parse_kv("xquant:2:stacked").spec)) == 144
     assert bytes_per_token(smol) == 144 == bytes_per_token(
         dataclasses.replace(smol, kv=parse_kv("kivi2").spec))
     r = parse_kv("xquant:4:r128:g64:res32:s4").spec.params
@@ -155,7 +160,8 @@ def test_bytes_shorthand_and_smollm2_accounting():
 
 @pytest.mark.parametrize("text,msg", [
     ("xquant:3", "bits=3 not supported"), ("xquant", "expected xquant:BITS"),
-    ("xquant2", "expected xquant:BITS"), ("xquant:2:z1", "unknown option 'z1'")])
+    ("xquant2", "expected xquant:BITS"), ("xquant:2:z1", "unknown option 'z1'"),
+    ("xquant:2:stack", "unknown option 'stack'")])
 def test_bad_shorthands(text, msg):
     with pytest.raises(ConfigError, match=msg):
         parse_kv(text)

@@ -47,6 +47,7 @@ from . import KVChoice, KVCost, KVKind, KVParams, register_kind
 from .kivi import SCALE_DTYPE, pack_planar, quantize_minmax, unpack_planar
 
 XQ_BITS = (2, 4, 8)
+BASES = ("split", "stacked")
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,11 @@ class XQuantParams(KVParams):
     residual: int = 128
     sink: int = 0
     dtype: str = "float32"         # fp residual / sink storage
+    basis: str = "split"           # split: X·A_k and X·A_v | stacked: X·A of [W_k; W_v]
 
     def __post_init__(self):
+        if self.basis not in BASES:
+            raise ConfigError(f"kv xquant: basis '{self.basis}' not in {', '.join(BASES)}")
         if self.bits not in XQ_BITS:
             raise ConfigError(f"kv xquant: bits={self.bits} not supported; choose one of "
                               f"{', '.join(map(str, XQ_BITS))}")
@@ -72,8 +76,19 @@ class XQuantParams(KVParams):
     def rank_for(self, layer: LayerSpec) -> int:
         return self.rank or 2 * layer.kv_dim
 
+    def split_ranks(self, layer: LayerSpec) -> tuple[int, int]:
+        """(channels quantized per channel, channels quantized per token): split gives the K
+        latent the first half and the V latent the second; stacked quantizes all per channel."""
+        r = self.rank_for(layer)
+        return (r - r // 2, r // 2) if self.basis == "split" else (r, 0)
+
+    def v_group(self, layer: LayerSpec) -> int:
+        rv = self.split_ranks(layer)[1]
+        return min(self.group_size, rv) if rv else 1
+
     def label(self) -> str:
         return (f"xquant-x{self.bits}" + (f"-r{self.rank}" if self.rank else "")
+                + ("-stacked" if self.basis == "stacked" else "")
                 + f"-g{self.group_size}-res{self.residual}" + (f"-s{self.sink}" if self.sink else ""))
 
     def check_layer(self, layer: LayerSpec) -> None:
@@ -81,14 +96,23 @@ class XQuantParams(KVParams):
         if r > 2 * layer.kv_dim:
             raise ConfigError(f"kv xquant: rank {r} exceeds the layer's stacked K/V rank "
                               f"2·kv_dim = {2 * layer.kv_dim}")
-        if r % (8 // self.bits) and self.bits != 8:
-            raise ConfigError(f"kv xquant: rank {r} must be a multiple of {8 // self.bits} to "
-                              f"pack {self.bits}-bit codes")
+        rk, rv = self.split_ranks(layer)
+        if self.basis == "split" and max(rk, rv) > layer.kv_dim:
+            raise ConfigError(f"kv xquant: rank {r} split as {rk} + {rv} exceeds kv_dim = "
+                              f"{layer.kv_dim} per half")
+        if self.bits != 8 and (rk * self.group_size) % (8 // self.bits):
+            raise ConfigError(f"kv xquant: {rk}×{self.group_size} codes cannot be packed at "
+                              f"{self.bits} bits")
+        if rv and rv % self.v_group(layer):
+            raise ConfigError(f"kv xquant: the V latent's {rv} channels are not a multiple of "
+                              f"the group {self.v_group(layer)}")
 
 
-def latent_factors(binding, layer: LayerSpec, rank: int):
-    """(A (hidden, r), B_k (kv_dim, r), B_v (kv_dim, r), b_k, b_v) from the layer's current K/V
-    projection weights (dequantized if quantized; sliced from a fused qkv_proj)."""
+def latent_factors(binding, layer: LayerSpec, params: "XQuantParams"):
+    """(A (hidden, r), B_k (kv_dim, rk'), B_v (kv_dim, rv'), b_k, b_v) from the layer's current
+    K/V projection weights (dequantized if quantized; sliced from a fused qkv_proj). Stacked:
+    one basis of [W_k; W_v], B_k and B_v over all r channels. Split: A = [A_k | A_v], the right
+    singular bases of W_k and W_v, B_k over the first rk channels and B_v over the rest."""
     def weight_of(mod):
         w = mod.dequantize() if hasattr(mod, "dequantize") else mod.weight
         return w.detach().float(), (None if getattr(mod, "bias", None) is None
@@ -104,12 +128,19 @@ def latent_factors(binding, layer: LayerSpec, rank: int):
     else:
         raise ConfigError(f"xquant: layer {binding.layer} has no k_proj/v_proj (or qkv_proj) whose "
                           "input is the attention input")
-    W = torch.cat([wk, wv], 0).double()                                  # (2·kv, hidden)
-    _, _, Vh = torch.linalg.svd(W, full_matrices=False)                  # Vh: (2·kv, hidden)
-    A = Vh[:rank].T.contiguous()                                         # (hidden, r)
-    Bk, Bv = (wk.double() @ A).float(), (wv.double() @ A).float()        # (kv, r)
+    def basis(w, n):
+        _, _, vh = torch.linalg.svd(w.double(), full_matrices=False)     # vh: (rows, hidden)
+        return vh[:n].T.contiguous()                                     # (hidden, n)
+
     zeros = torch.zeros(kv)
-    return A.float(), Bk, Bv, (zeros if bk is None else bk), (zeros if bv is None else bv)
+    bk, bv = (zeros if bk is None else bk), (zeros if bv is None else bv)
+    if params.basis == "stacked":
+        A = basis(torch.cat([wk, wv], 0), params.rank_for(layer))         # (hidden, r)
+        return A.float(), (wk.double() @ A).float(), (wv.double() @ A).float(), bk, bv
+    rk, rv = params.split_ranks(layer)
+    Ak, Av = basis(wk, rk), basis(wv, rv)
+    return (torch.cat([Ak, Av], 1).float(), (wk.double() @ Ak).float(),
+            (wv.double() @ Av).float(), bk, bv)
 
 
 class XQuantCache(KVCache):
@@ -123,11 +154,22 @@ class XQuantCache(KVCache):
         self.G, self.R, self.n_sink = p.group_size, p.residual, p.sink
         self.H, self.D = layer.n_kv_heads, layer.head_dim
         self.fp_dtype = DTYPES[p.dtype]
-        self.A, self.Bk, self.Bv, self.bk, self.bv = latent_factors(binding, layer, self.r)
+        self.A, self.Bk, self.Bv, self.bk, self.bv = latent_factors(binding, layer, p)
+        self.rk, self.rv = p.split_ranks(layer)           # per-channel | per-token channels
+        self.gv = p.v_group(layer)
+        split = p.basis == "split"
+        # which latent channels K and V are made of
+        self.k_cols = slice(0, self.rk) if split else slice(0, self.r)
+        self.v_cols = slice(self.rk, self.r) if split else slice(0, self.r)
         self.has_knorm = binding.has("k_norm")
         self.sink = self.res = None                 # (B, n, r) fp
-        self.codes: list[torch.Tensor] = []         # per block (B, G·r·bits/8) uint8, channel-major
-        self.scales: list[torch.Tensor] = []        # per block (B, 2, r) fp16 scale, min
+        # per block of G tokens: the per-channel part (B, G·rk·bits/8) uint8, channel-major, and
+        # its (B, 2, rk) fp16 scale/min; the per-token part (B, G·rv·bits/8) token-major, and its
+        # (B, 2, G, rv/gv) fp16 scale/min
+        self.codes: list[torch.Tensor] = []
+        self.scales: list[torch.Tensor] = []
+        self.tcodes: list[torch.Tensor] = []
+        self.tscales: list[torch.Tensor] = []
         self.pos = torch.empty(batch, 0, dtype=torch.long)   # positions of held tokens, in order
 
     # ------------------------------------------------------------------ store
@@ -155,31 +197,43 @@ class XQuantCache(KVCache):
         self.res = lat if self.res is None else torch.cat([self.res, lat], 1)
         while self.res.shape[1] - self.R >= self.G:
             blk, self.res = self.res[:, :self.G], self.res[:, self.G:].clone()
-            q, s, m = quantize_minmax(blk, 1, self.p.bits)                 # (B, G, r); s (B, 1, r)
-            self.codes.append(pack_planar(q.transpose(1, 2).reshape(q.shape[0], -1), self.p.bits))
-            self.scales.append(torch.cat([s, m], 1))                        # (B, 2, r)
+            B, G = blk.shape[:2]
+            q, s, m = quantize_minmax(blk[..., :self.rk], 1, self.p.bits)   # (B, G, rk); (B, 1, rk)
+            self.codes.append(pack_planar(q.transpose(1, 2).reshape(B, -1), self.p.bits))
+            self.scales.append(torch.cat([s, m], 1))                        # (B, 2, rk)
+            if self.rv:
+                tv = blk[..., self.rk:].reshape(B, G, self.rv // self.gv, self.gv)
+                q, s, m = quantize_minmax(tv, 3, self.p.bits)               # s: (B, G, ng, 1)
+                self.tcodes.append(pack_planar(q.reshape(B, -1), self.p.bits))
+                self.tscales.append(torch.stack([s[..., 0], m[..., 0]], 1))  # (B, 2, G, ng)
 
     def latent(self) -> torch.Tensor:
         """Everything held as fp32 (B, S, r), in append order (dequantized store; reference)."""
         parts = [self.sink.float()] if self.sink is not None else []
-        B, G, r = self.batch, self.G, self.r
-        for c, sm in zip(self.codes, self.scales):
-            q = unpack_planar(c, self.p.bits).float().view(B, r, G).transpose(1, 2)   # (B, G, r)
-            parts.append(q * sm[:, :1].float() + sm[:, 1:].float())
+        B, G, rk, rv, gv = self.batch, self.G, self.rk, self.rv, self.gv
+        for j, (c, sm) in enumerate(zip(self.codes, self.scales)):
+            q = unpack_planar(c, self.p.bits).float().view(B, rk, G).transpose(1, 2)  # (B, G, rk)
+            blk = q * sm[:, :1].float() + sm[:, 1:].float()
+            if rv:
+                qt = unpack_planar(self.tcodes[j], self.p.bits).float().view(B, G, rv // gv, gv)
+                st = self.tscales[j].float()                                   # (B, 2, G, ng)
+                tv = qt * st[:, 0, ..., None] + st[:, 1, ..., None]
+                blk = torch.cat([blk, tv.reshape(B, G, rv)], -1)
+            parts.append(blk)
         if self.res is not None:
             parts.append(self.res.float())
         return torch.cat(parts, 1) if parts else torch.empty(B, 0, r)
 
     def nbytes(self) -> int:
         fp = sum(t.numel() * t.element_size() for t in (self.sink, self.res) if t is not None)
-        return fp + sum(c.numel() * c.element_size() + s.numel() * s.element_size()
-                        for c, s in zip(self.codes, self.scales))
+        return fp + sum(t.numel() * t.element_size()
+                        for ts in (self.codes, self.scales, self.tcodes, self.tscales) for t in ts)
 
     # ------------------------------------------------------------------ attend
 
     def keys(self, lat: torch.Tensor) -> torch.Tensor:
         """Rematerialize post-RoPE keys (B, H, S, D) from the latent (B, S, r)."""
-        k = (lat @ self.Bk.T + self.bk).unflatten(-1, (self.H, self.D)).transpose(1, 2)
+        k = (lat[..., self.k_cols] @ self.Bk.T + self.bk).unflatten(-1, (self.H, self.D)).transpose(1, 2)
         if self.has_knorm:
             k = self.binding.module("k_norm")(k)
         rot = self.binding.rotary(self.pos)
@@ -229,13 +283,14 @@ class XQuantCache(KVCache):
             logits = torch.where(sel, logits, lb)
         logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
         p = torch.softmax(logits, -1)
+        va = lat_a[..., self.v_cols]
         if sel is None:
-            pl = torch.einsum("bhrts,bsc->bhrtc", p, lat_a)                   # (B, H, r', T, rank)
+            pl = torch.einsum("bhrts,bsc->bhrtc", p, va)                      # (B, H, r', T, rv)
         else:
             pa = p * sel
-            pl = (torch.einsum("bhrts,bsc->bhrtc", pa, lat_a)
-                  + torch.einsum("bhrts,bsc->bhrtc", p - pa, lat_b))
-        Bv = self.Bv.view(self.H, D, self.r)                                  # (H, D, rank)
+            pl = (torch.einsum("bhrts,bsc->bhrtc", pa, va)
+                  + torch.einsum("bhrts,bsc->bhrtc", p - pa, lat_b[..., self.v_cols]))
+        Bv = self.Bv.view(self.H, D, -1)                                      # (H, D, rv)
         out = torch.einsum("bhrtc,hdc->bhrtd", pl, Bv) + self.bv.view(1, self.H, 1, 1, D)
         return out.reshape(B, Hq, T, D).to(q.dtype)
 
@@ -244,7 +299,7 @@ class XQuantCache(KVCache):
 class XQuant(KVKind):
     name = "xquant"
     Params = XQuantParams
-    syntax = "xquant:BITS[:rRANK:gN:resN:sN]"
+    syntax = "xquant:BITS[:rRANK:gN:resN:sN:split|stacked]"
     needs_binding = True
     loads_kv = False
     reads_input = True
@@ -258,10 +313,13 @@ class XQuant(KVKind):
         for o in options[1:]:
             if o.startswith("res") and o[3:].isdigit():
                 opts["residual"] = int(o[3:])
+            elif o in BASES:
+                opts["basis"] = o
             elif o[:1] in ("r", "g", "s") and o[1:].isdigit():
                 opts[{"r": "rank", "g": "group_size", "s": "sink"}[o[0]]] = int(o[1:])
             else:
-                raise ConfigError(f"--kv '{text}': unknown option '{o}' (use rRANK, gN, resN, sN)")
+                raise ConfigError(f"--kv '{text}': unknown option '{o}' (use rRANK, gN, resN, sN, "
+                                  "split, stacked)")
         return KVChoice(KVSpec("xquant", XQuantParams(**opts)), ":".join(["xquant", *options]))
 
     def cache(self, layer, batch, binding):
@@ -270,7 +328,9 @@ class XQuant(KVKind):
     @staticmethod
     def _store_per_token(p: XQuantParams, layer: LayerSpec) -> Fraction:
         r = p.rank_for(layer)
-        return Fraction(r * p.bits, 8) + Fraction(2 * SCALE_DTYPE.itemsize * r, p.group_size)
+        rk, rv = p.split_ranks(layer)
+        return (Fraction(r * p.bits, 8) + Fraction(2 * SCALE_DTYPE.itemsize * rk, p.group_size)
+                + 2 * SCALE_DTYPE.itemsize * (rv // p.v_group(layer)))
 
     def bytes_per_token(self, params, layer):
         t = self._store_per_token(params, layer)
@@ -288,13 +348,16 @@ class XQuant(KVKind):
         return int((ns + nr) * fp + nq * self._store_per_token(params, layer))
 
     def cost(self, params, layer, context):
-        r, kv, Hq, D = params.rank_for(layer), layer.kv_dim, layer.n_heads, layer.head_dim
-        factors = (2 * kv * r) * 4                                         # B_k, B_v fp32
+        kv, Hq, D = layer.kv_dim, layer.n_heads, layer.head_dim
+        rk, rv = params.split_ranks(layer)
+        if params.basis == "stacked":
+            rk = rv = params.rank_for(layer)
+        factors = kv * (rk + rv) * 4                                       # B_k, B_v fp32
         read = self.bytes_held(params, layer, context) + factors
-        flops = (2 * context * r * kv          # K = L·B_kᵀ over the context
+        flops = (2 * context * rk * kv         # K = L_k·B_kᵀ over the context
                  + 2 * Hq * D * context        # q·Kᵀ
-                 + 2 * Hq * context * r        # P·L
-                 + 2 * Hq * r * D)             # (P·L)·B_vᵀ
+                 + 2 * Hq * context * rv       # P·L_v
+                 + 2 * Hq * rv * D)            # (P·L_v)·B_vᵀ
         return KVCost(bytes_read=read, flops=flops)
 
     def verify_steps(self, params):
