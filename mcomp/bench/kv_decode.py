@@ -81,13 +81,47 @@ def _child(kv: str, artifact: str, ids: list[int], cfg: DecodeBenchConfig, q) ->
                     n += 1
                 times.append(time.perf_counter() - t0)
         paths = sorted({getattr(c, "last_path", None) or "dense" for c in state.caches})
+        from mcomp.runtime.kv import decode_cost
+        costs = [decode_cost(l, n) for l in spec.layers]
         q.put({"kv": kv, "label": spec.layers[0].kv.label(), "threads": torch.get_num_threads(),
                "context": n, "decode_tok_s": cfg.steps / statistics.median(times),
                "ms_per_token": 1e3 * statistics.median(times) / cfg.steps,
                "kv_cache_bytes": state.nbytes(), "weight_bytes": ir.weight_bytes(gm),
-               "attention_path": ",".join(paths), "peak_rss_bytes": peak_rss_bytes()})
+               "attention_path": ",".join(paths), "peak_rss_bytes": peak_rss_bytes(),
+               "model_kv_read_bytes": sum(c.bytes_read for c in costs),
+               "model_kv_flops": sum(c.flops for c in costs),
+               "machine": _machine_rates() if kv == "dense" else None})
     except BaseException as e:  # report to the parent instead of dying silently
         q.put({"kv": kv, "error": f"{type(e).__name__}: {e}"})
+
+
+def _machine_rates() -> dict:
+    """This process's copy bandwidth and fp32 GEMM rate at its thread count: the two constants
+    the cost model's step-time prediction needs (measured, not assumed)."""
+    x = torch.empty(64 * 2 ** 20)                                       # 256 MB
+    y = torch.empty_like(x)
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        ts.append(time.perf_counter() - t0)
+    bw = 2 * x.numel() * 4 / min(ts)                                    # read + write
+    a = torch.randn(1024, 1024)
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ a
+        ts.append(time.perf_counter() - t0)
+    return {"copy_bytes_per_s": bw, "gemm_flops_per_s": 2 * 1024 ** 3 / min(ts)}
+
+
+def predicted_step_s(row: dict, machine: dict) -> float:
+    """Roofline-style step time from the cost model: every weight and the cache bytes the kinds
+    say a step reads, at copy bandwidth, plus the weights' and the kinds' FLOPs at GEMM rate."""
+    bw, fl = machine["copy_bytes_per_s"], machine["gemm_flops_per_s"]
+    weight_flops = 2 * row["weight_bytes"] / 4                          # fp32 weights: 2 per param
+    return ((row["weight_bytes"] + row["model_kv_read_bytes"]) / bw
+            + (weight_flops + row["model_kv_flops"]) / fl)
 
 
 def run(cfg: DecodeBenchConfig = DecodeBenchConfig(), progress=None) -> dict:
@@ -117,9 +151,13 @@ def run(cfg: DecodeBenchConfig = DecodeBenchConfig(), progress=None) -> dict:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     base = rows[0]
+    machine = base.get("machine")
     for r in rows:
         r["speedup_vs_dense"] = r["decode_tok_s"] / base["decode_tok_s"]
         r["kv_bytes_vs_dense"] = r["kv_cache_bytes"] / base["kv_cache_bytes"]
+        if machine and "error" not in r:
+            r["predicted_step_ratio_vs_dense"] = predicted_step_s(r, machine) / predicted_step_s(base, machine)
+            r["measured_step_ratio_vs_dense"] = r["ms_per_token"] / base["ms_per_token"]
     return {"model": cfg.model, "preset": cfg.preset, "ctx": cfg.ctx, "steps": cfg.steps,
             "threads": cfg.threads, "prefill_chunk": cfg.prefill_chunk, "repeats": cfg.repeats,
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
@@ -145,8 +183,8 @@ def to_markdown(res: dict) -> str:
         f"process; torch {res['torch']}.",
         "",
         "| KV cache | decode tok/s | ms/token | vs dense | KV cache MB | vs dense | weights + KV MB "
-        "| bytes-bound estimate | peak RSS MB | attention |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| bytes-bound estimate | step time vs dense: cost model / measured | peak RSS MB | attention |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     base = res["rows"][0]
     read0 = base["weight_bytes"] + base["kv_cache_bytes"]
@@ -155,10 +193,15 @@ def to_markdown(res: dict) -> str:
         lines.append(f"| {r['label']} | {r['decode_tok_s']:.2f} | {r['ms_per_token']:.1f} | "
                      f"{r['speedup_vs_dense']:.2f}× | {r['kv_cache_bytes'] / 1e6:.1f} | "
                      f"{r['kv_bytes_vs_dense']:.3f}× | {read / 1e6:.0f} | {read0 / read:.2f}× | "
+                     f"{r.get('predicted_step_ratio_vs_dense', float('nan')):.2f} / "
+                     f"{r.get('measured_step_ratio_vs_dense', float('nan')):.2f} | "
                      f"{r['peak_rss_bytes'] / 1e6:.0f} | {r['attention_path']} |")
     lines += ["", "Each decode step reads every weight and every layer's cache once; \"bytes-bound "
               "estimate\" is the speedup if a step cost only those bytes (dense weights + KV over "
               "this row's weights + KV), to read the measured one against. The weights are the "
               "same in every row, so the smaller they are (`--preset int4`), the larger the "
-              "share of the step the cache decides."]
+              "share of the step the cache decides. \"Cost model\" is the step-time ratio the "
+              "KV kinds' cost entries predict (bytes read at this machine's measured copy "
+              "bandwidth plus FLOPs at its measured fp32 GEMM rate, weights included), beside the "
+              "measured ratio."]
     return "\n".join(lines) + f"\n\n```json\n{json.dumps(res, indent=1)}\n```"

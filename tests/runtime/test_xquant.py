@@ -78,7 +78,7 @@ def oracle(cache: XQuantCache, gm, h, q, positions, scale, latent):
     return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
 
 
-@pytest.mark.parametrize("basis", ["split", "stacked"])
+@pytest.mark.parametrize("basis", ["split", "stacked", "split:ts"])
 @pytest.mark.parametrize("rank", [0, 48])
 def test_decode_matches_oracle_on_the_dequantized_latent(basis, rank):
     gm, c = layer_and_cache(bits=2, G=4, residual=4, basis=basis, rank=rank)
@@ -189,3 +189,20 @@ def test_needs_the_model_binding():
     apply_kv_flag(gm, "xquant:4")
     with pytest.raises(ConfigError, match="model=gm"):
         AttentionState(ir.get_spec(gm), 1)
+
+
+def test_token_scale_is_on_for_qk_norm_layers_and_verified():
+    """qwen3/gemma3-style k_norm: each token's K latent is divided by its RMS (fp16, 2 B per
+    token) before per-channel quantization; the verifier's byte check covers the extra scale."""
+    from mcomp.compiler.manager import PassManager
+    from mcomp.passes.assign_kv import kv_passes
+    from tests.helpers import tiny_ctx
+    spec = tiny_spec(n_layers=2)
+    spec = dataclasses.replace(spec, layers=tuple(dataclasses.replace(l, qk_norm=True)
+                                                  for l in spec.layers))
+    gm, rep = PassManager(kv_passes("xquant:2:g4:res4")).run(tiny_gm(spec), tiny_ctx())
+    l0 = ir.get_spec(gm).layers[0]
+    assert l0.kv.params.token_scaled(l0) and rep.passes[-1].kv_drift["bytes_ok"]
+    plain = dataclasses.replace(l0, qk_norm=False)
+    assert bytes_per_token(l0) == bytes_per_token(plain) + 2
+    assert parse_kv("xquant:2:nots").spec.params.token_scaled(l0) is False

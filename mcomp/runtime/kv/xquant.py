@@ -59,8 +59,14 @@ class XQuantParams(KVParams):
     sink: int = 0
     dtype: str = "float32"         # fp residual / sink storage
     basis: str = "split"           # split: X·A_k and X·A_v | stacked: X·A of [W_k; W_v]
+    # divide each token's per-channel part by its RMS (stored fp16) before quantizing: "auto" =
+    # on for layers with a K norm (qwen3, gemma3), whose k_norm rescales every key to unit RMS
+    # and so turns a small key's absolute error into a large relative one
+    token_scale: str = "auto"      # auto | on | off
 
     def __post_init__(self):
+        if self.token_scale not in ("auto", "on", "off"):
+            raise ConfigError(f"kv xquant: token_scale '{self.token_scale}' not in auto, on, off")
         if self.basis not in BASES:
             raise ConfigError(f"kv xquant: basis '{self.basis}' not in {', '.join(BASES)}")
         if self.bits not in XQ_BITS:
@@ -82,12 +88,16 @@ class XQuantParams(KVParams):
         r = self.rank_for(layer)
         return (r - r // 2, r // 2) if self.basis == "split" else (r, 0)
 
+    def token_scaled(self, layer: LayerSpec) -> bool:
+        return self.token_scale == "on" or (self.token_scale == "auto" and layer.qk_norm)
+
     def v_group(self, layer: LayerSpec) -> int:
         rv = self.split_ranks(layer)[1]
         return min(self.group_size, rv) if rv else 1
 
     def label(self) -> str:
         return (f"xquant-x{self.bits}" + (f"-r{self.rank}" if self.rank else "")
+                + {"auto": "", "on": "-ts", "off": "-nots"}[self.token_scale]
                 + ("-stacked" if self.basis == "stacked" else "")
                 + f"-g{self.group_size}-res{self.residual}" + (f"-s{self.sink}" if self.sink else ""))
 
@@ -157,6 +167,8 @@ class XQuantCache(KVCache):
         self.A, self.Bk, self.Bv, self.bk, self.bv = latent_factors(binding, layer, p)
         self.rk, self.rv = p.split_ranks(layer)           # per-channel | per-token channels
         self.gv = p.v_group(layer)
+        self.tok_scale = p.token_scaled(layer)
+        self.nscales: list[torch.Tensor] = []       # per block (B, G, 1) fp16 token RMS (tok_scale)
         split = p.basis == "split"
         # which latent channels K and V are made of
         self.k_cols = slice(0, self.rk) if split else slice(0, self.r)
@@ -171,6 +183,7 @@ class XQuantCache(KVCache):
         self.tcodes: list[torch.Tensor] = []
         self.tscales: list[torch.Tensor] = []
         self.pos = torch.empty(batch, 0, dtype=torch.long)   # positions of held tokens, in order
+        self.last_path = None
 
     # ------------------------------------------------------------------ store
 
@@ -198,7 +211,12 @@ class XQuantCache(KVCache):
         while self.res.shape[1] - self.R >= self.G:
             blk, self.res = self.res[:, :self.G], self.res[:, self.G:].clone()
             B, G = blk.shape[:2]
-            q, s, m = quantize_minmax(blk[..., :self.rk], 1, self.p.bits)   # (B, G, rk); (B, 1, rk)
+            part = blk[..., :self.rk].float()
+            if self.tok_scale:
+                n = part.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-4).to(SCALE_DTYPE)
+                self.nscales.append(n)                                      # (B, G, 1)
+                part = part / n.float()
+            q, s, m = quantize_minmax(part, 1, self.p.bits)                 # (B, G, rk); (B, 1, rk)
             self.codes.append(pack_planar(q.transpose(1, 2).reshape(B, -1), self.p.bits))
             self.scales.append(torch.cat([s, m], 1))                        # (B, 2, rk)
             if self.rv:
@@ -214,6 +232,8 @@ class XQuantCache(KVCache):
         for j, (c, sm) in enumerate(zip(self.codes, self.scales)):
             q = unpack_planar(c, self.p.bits).float().view(B, rk, G).transpose(1, 2)  # (B, G, rk)
             blk = q * sm[:, :1].float() + sm[:, 1:].float()
+            if self.tok_scale:
+                blk = blk * self.nscales[j].float()
             if rv:
                 qt = unpack_planar(self.tcodes[j], self.p.bits).float().view(B, G, rv // gv, gv)
                 st = self.tscales[j].float()                                   # (B, 2, G, ng)
@@ -227,7 +247,8 @@ class XQuantCache(KVCache):
     def nbytes(self) -> int:
         fp = sum(t.numel() * t.element_size() for t in (self.sink, self.res) if t is not None)
         return fp + sum(t.numel() * t.element_size()
-                        for ts in (self.codes, self.scales, self.tcodes, self.tscales) for t in ts)
+                        for ts in (self.codes, self.scales, self.tcodes, self.tscales, self.nscales)
+                        for t in ts)
 
     # ------------------------------------------------------------------ attend
 
@@ -262,11 +283,18 @@ class XQuantCache(KVCache):
         if mask is None:  # empty cache, plain causal over the chunk
             mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
         if T == 1:
+            self.last_path = "reference"        # no C++ kernel for xquant yet
             return self._attend(q, scale, mask, lat_a, None, None)
         lat_b = lat_a.clone()
         lat_b[:, L:L + T] = lat_new                                           # chunk in fp
         if not self.quantize_before_attend:
-            return self._attend(q, scale, mask, lat_b, None, None)
+            # a prefill chunk: K and V of the held context are materialized once for SDPA's
+            # memory-efficient kernel (T×S logits of a long chunk would not fit); decode steps
+            # never materialize V
+            K = self.keys(lat_b)                                              # (B, H, S, D)
+            V = (lat_b[..., self.v_cols] @ self.Bv.T + self.bv).unflatten(-1, (self.H, D)).transpose(1, 2)
+            return F.scaled_dot_product_attention(q.float(), K, V, attn_mask=mask, scale=scale,
+                                                  enable_gqa=Hq != self.H).to(q.dtype)
         from .kivi import quantized_at
         sel = quantized_at(torch.arange(S), torch.arange(L, L + T), self.G, self.R, self.n_sink)
         return self._attend(q, scale, mask, lat_a, lat_b, sel)
@@ -299,7 +327,7 @@ class XQuantCache(KVCache):
 class XQuant(KVKind):
     name = "xquant"
     Params = XQuantParams
-    syntax = "xquant:BITS[:rRANK:gN:resN:sN:split|stacked]"
+    syntax = "xquant:BITS[:rRANK:gN:resN:sN:split|stacked:ts|nots]"
     needs_binding = True
     loads_kv = False
     reads_input = True
@@ -315,11 +343,13 @@ class XQuant(KVKind):
                 opts["residual"] = int(o[3:])
             elif o in BASES:
                 opts["basis"] = o
+            elif o in ("ts", "nots"):
+                opts["token_scale"] = "on" if o == "ts" else "off"
             elif o[:1] in ("r", "g", "s") and o[1:].isdigit():
                 opts[{"r": "rank", "g": "group_size", "s": "sink"}[o[0]]] = int(o[1:])
             else:
                 raise ConfigError(f"--kv '{text}': unknown option '{o}' (use rRANK, gN, resN, sN, "
-                                  "split, stacked)")
+                                  "split, stacked, ts, nots)")
         return KVChoice(KVSpec("xquant", XQuantParams(**opts)), ":".join(["xquant", *options]))
 
     def cache(self, layer, batch, binding):
@@ -330,7 +360,8 @@ class XQuant(KVKind):
         r = p.rank_for(layer)
         rk, rv = p.split_ranks(layer)
         return (Fraction(r * p.bits, 8) + Fraction(2 * SCALE_DTYPE.itemsize * rk, p.group_size)
-                + 2 * SCALE_DTYPE.itemsize * (rv // p.v_group(layer)))
+                + 2 * SCALE_DTYPE.itemsize * (rv // p.v_group(layer))
+                + (SCALE_DTYPE.itemsize if p.token_scaled(layer) else 0))
 
     def bytes_per_token(self, params, layer):
         t = self._store_per_token(params, layer)
