@@ -168,20 +168,22 @@ class XQuantCache(KVCache):
         self.rk, self.rv = p.split_ranks(layer)           # per-channel | per-token channels
         self.gv = p.v_group(layer)
         self.tok_scale = p.token_scaled(layer)
-        self.nscales: list[torch.Tensor] = []       # per block (B, G, 1) fp16 token RMS (tok_scale)
+
         split = p.basis == "split"
         # which latent channels K and V are made of
         self.k_cols = slice(0, self.rk) if split else slice(0, self.r)
         self.v_cols = slice(self.rk, self.r) if split else slice(0, self.r)
         self.has_knorm = binding.has("k_norm")
         self.sink = self.res = None                 # (B, n, r) fp
-        # per block of G tokens: the per-channel part (B, G·rk·bits/8) uint8, channel-major, and
-        # its (B, 2, rk) fp16 scale/min; the per-token part (B, G·rv·bits/8) token-major, and its
-        # (B, 2, G, rv/gv) fp16 scale/min
-        self.codes: list[torch.Tensor] = []
-        self.scales: list[torch.Tensor] = []
-        self.tcodes: list[torch.Tensor] = []
-        self.tscales: list[torch.Tensor] = []
+        # the quantized store, one row per block of G tokens (dim 1), contiguous so the reference
+        # dequantizes it in a few vector ops:
+        #   codes   (B, nb, G·rk·bits/8) uint8, the per-channel part, channel-major in a block
+        #   scales  (B, nb, 2, rk) fp16 scale/min of it
+        #   nscales (B, nb, G, 1) fp16 token RMS (token_scale only)
+        #   tcodes  (B, nb, G·rv·bits/8) uint8, the per-token part, token-major
+        #   tscales (B, nb, 2, G, rv/gv) fp16 scale/min of it
+        self.store: dict[str, torch.Tensor] = {}
+        self.nb = 0
         self.pos = torch.empty(batch, 0, dtype=torch.long)   # positions of held tokens, in order
         self.last_path = None
 
@@ -189,7 +191,12 @@ class XQuantCache(KVCache):
 
     @property
     def n_q(self) -> int:
-        return len(self.codes) * self.G
+        return self.nb * self.G
+
+    def _push(self, name: str, t: torch.Tensor) -> None:
+        """Append one block's tensor (B, ...) as row nb of store[name]."""
+        old = self.store.get(name)
+        self.store[name] = t[:, None] if old is None else torch.cat([old, t[:, None]], 1)
 
     def _held(self, t):
         return 0 if t is None else t.shape[1]
@@ -214,41 +221,42 @@ class XQuantCache(KVCache):
             part = blk[..., :self.rk].float()
             if self.tok_scale:
                 n = part.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-4).to(SCALE_DTYPE)
-                self.nscales.append(n)                                      # (B, G, 1)
+                self._push("nscales", n)                                    # (B, G, 1)
                 part = part / n.float()
             q, s, m = quantize_minmax(part, 1, self.p.bits)                 # (B, G, rk); (B, 1, rk)
-            self.codes.append(pack_planar(q.transpose(1, 2).reshape(B, -1), self.p.bits))
-            self.scales.append(torch.cat([s, m], 1))                        # (B, 2, rk)
+            self._push("codes", pack_planar(q.transpose(1, 2).reshape(B, -1), self.p.bits))
+            self._push("scales", torch.cat([s, m], 1))                      # (B, 2, rk)
             if self.rv:
                 tv = blk[..., self.rk:].reshape(B, G, self.rv // self.gv, self.gv)
                 q, s, m = quantize_minmax(tv, 3, self.p.bits)               # s: (B, G, ng, 1)
-                self.tcodes.append(pack_planar(q.reshape(B, -1), self.p.bits))
-                self.tscales.append(torch.stack([s[..., 0], m[..., 0]], 1))  # (B, 2, G, ng)
+                self._push("tcodes", pack_planar(q.reshape(B, -1), self.p.bits))
+                self._push("tscales", torch.stack([s[..., 0], m[..., 0]], 1))  # (B, 2, G, ng)
+            self.nb += 1
 
     def latent(self) -> torch.Tensor:
         """Everything held as fp32 (B, S, r), in append order (dequantized store; reference)."""
         parts = [self.sink.float()] if self.sink is not None else []
         B, G, rk, rv, gv = self.batch, self.G, self.rk, self.rv, self.gv
-        for j, (c, sm) in enumerate(zip(self.codes, self.scales)):
-            q = unpack_planar(c, self.p.bits).float().view(B, rk, G).transpose(1, 2)  # (B, G, rk)
-            blk = q * sm[:, :1].float() + sm[:, 1:].float()
+        if self.nb:
+            st, nb = self.store, self.nb
+            q = unpack_planar(st["codes"], self.p.bits).float().view(B, nb, rk, G).transpose(2, 3)
+            sm = st["scales"].float()                                         # (B, nb, 2, rk)
+            blk = q * sm[:, :, :1] + sm[:, :, 1:]                             # (B, nb, G, rk)
             if self.tok_scale:
-                blk = blk * self.nscales[j].float()
+                blk = blk * st["nscales"].float()
             if rv:
-                qt = unpack_planar(self.tcodes[j], self.p.bits).float().view(B, G, rv // gv, gv)
-                st = self.tscales[j].float()                                   # (B, 2, G, ng)
-                tv = qt * st[:, 0, ..., None] + st[:, 1, ..., None]
-                blk = torch.cat([blk, tv.reshape(B, G, rv)], -1)
-            parts.append(blk)
+                qt = unpack_planar(st["tcodes"], self.p.bits).float().view(B, nb, G, rv // gv, gv)
+                ts = st["tscales"].float()                                    # (B, nb, 2, G, ng)
+                tv = qt * ts[:, :, 0, ..., None] + ts[:, :, 1, ..., None]
+                blk = torch.cat([blk, tv.reshape(B, nb, G, rv)], -1)
+            parts.append(blk.reshape(B, nb * G, -1))
         if self.res is not None:
             parts.append(self.res.float())
         return torch.cat(parts, 1) if parts else torch.empty(B, 0, r)
 
     def nbytes(self) -> int:
         fp = sum(t.numel() * t.element_size() for t in (self.sink, self.res) if t is not None)
-        return fp + sum(t.numel() * t.element_size()
-                        for ts in (self.codes, self.scales, self.tcodes, self.tscales, self.nscales)
-                        for t in ts)
+        return fp + sum(t.numel() * t.element_size() for t in self.store.values())
 
     # ------------------------------------------------------------------ attend
 
