@@ -45,3 +45,15 @@ def require_model(name: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(msg + " — CI must install it (see README's test command)")
         pytest.skip(msg)
+
+
+def kv_session(kv: str, model: str = "smollm2-135m"):
+    """A Session of a built-in model with a `--kv` shorthand applied (skips when the model's
+    package is absent, outside CI)."""
+    from mcomp.passes.assign_kv import apply_kv_flag
+    from mcomp.runtime.session import Session
+    require_model(model)
+    s = Session.from_model(model)
+    apply_kv_flag(s.gm, kv)
+    s.spec = s.gm.meta["mcomp.spec"]
+    return s

@@ -68,6 +68,10 @@ class KVCache:
         """Exact bytes of every tensor the cache holds, over their used extent."""
         raise NotImplementedError
 
+    def quantized_span(self) -> tuple[int, int] | None:
+        """Held columns [lo, hi) that are stored quantized; None for a lossless cache."""
+        return None
+
     # Evaluation mode for lossy representations: a multi-token chunk attends over the cache
     # exactly as token-by-token decode would have (each query sees what had been quantized by
     # its own step). Lossless representations have nothing to do.

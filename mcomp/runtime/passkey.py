@@ -299,11 +299,11 @@ def needle_quantized(state: AttentionState, start: int, end: int) -> bool | None
     quantized store (not in an fp sink or residual window); None if no cache quantizes."""
     seen = None
     for c in state.caches:
-        n_q = getattr(c, "n_q", None)
-        if n_q is None:
+        span = c.quantized_span()
+        if span is None:
             continue
-        lo = c.n_sink_held
-        inside = start >= lo and end <= lo + n_q
+        lo, hi = span
+        inside = start >= lo and end <= hi
         seen = inside if seen is None else seen and inside
     return seen
 

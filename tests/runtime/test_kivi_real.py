@@ -5,19 +5,14 @@ from __future__ import annotations
 import pytest
 
 from mcomp import data
-from mcomp.passes.assign_kv import apply_kv_flag
 from mcomp.runtime.session import Session
-from tests.conftest import require_model
+from tests.conftest import kv_session
 
 pytestmark = pytest.mark.slow
 
 
 def session(kv: str) -> Session:
-    require_model("smollm2-135m")
-    s = Session.from_model("smollm2-135m")
-    apply_kv_flag(s.gm, kv)
-    s.spec = s.gm.meta["mcomp.spec"]
-    return s
+    return kv_session(kv)
 
 
 @pytest.mark.parametrize("kv,max_increase", [("kivi4", 0.01), ("kivi2", 0.10)])

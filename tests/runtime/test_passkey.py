@@ -261,3 +261,15 @@ def test_cli_passkey_errors_and_json(tiny_hf):  # noqa: F811
     assert r.returncode == 0, r.stderr
     assert "answers equal the dense cache's on every trial" in r.stdout
 
+
+
+def test_xquant_runs_passkey_with_its_own_prefill(session):
+    """xquant stores the attention input, so it cannot be filled from the shared dense
+    prefill (loads_kv = False): it prefills itself, and the needle span is reported."""
+    sc = pk.prepare_scheme(session.gm, "xquant:2:g8:res16")
+    assert not sc.shareable
+    rep = pk.run_passkey(session, pk.PasskeyConfig(lengths=(200,), schemes=("xquant:2:g8:res16",),
+                                                   trials=1))
+    [t] = rep.trials
+    a = t.answers["xquant:2:g8:res16"]
+    assert a.needle_quantized is not None and a.paths == ("reference",)

@@ -4,19 +4,14 @@ from __future__ import annotations
 import pytest
 
 from mcomp import data
-from mcomp.passes.assign_kv import apply_kv_flag
 from mcomp.runtime.session import Session
-from tests.conftest import require_model
+from tests.conftest import kv_session
 
 pytestmark = pytest.mark.slow
 
 
 def session(kv: str) -> Session:
-    require_model("smollm2-135m")
-    s = Session.from_model("smollm2-135m")
-    apply_kv_flag(s.gm, kv)
-    s.spec = s.gm.meta["mcomp.spec"]
-    return s
+    return kv_session(kv)
 
 
 def test_xquant2_beats_kivi2_at_equal_bytes():

@@ -140,6 +140,21 @@ class KVKind:
 KV_KINDS: Registry[KVKind] = Registry("KV representation")
 
 
+def window_split(n_tokens: int, sink: int, residual: int, group: int) -> tuple[int, int, int]:
+    """(sink, quantized store, fp residual) token counts of a streaming cache after n tokens
+    (KIVI's schedule, shared by every kind that uses it): the first `sink` tokens stay fp, and
+    the fp window is flushed `group` tokens at a time once it holds ≥ residual + group."""
+    ns = min(sink, n_tokens)
+    rest = n_tokens - ns
+    nq = max(0, (rest - residual) // group) * group
+    return ns, nq, rest - nq
+
+
+def exact_number(x) -> int | float:
+    """A Fraction of bytes as an int when whole, else a float."""
+    return int(x) if x.denominator == 1 else float(x)
+
+
 def register_kind(cls: type[KVKind]) -> type[KVKind]:
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")

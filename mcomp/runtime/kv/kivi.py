@@ -70,7 +70,7 @@ from ...compiler.hadamard import hadamard, hadamard_block
 from ...compiler.spec import LayerSpec
 from ...errors import ConfigError
 from ..kvcache import DTYPES, KVCache
-from . import KVChoice, KVCost, KVKind, KVParams, register_kind
+from . import KVChoice, KVCost, KVKind, KVParams, exact_number, register_kind, window_split
 
 log = logging.getLogger("mcomp.runtime")
 
@@ -255,6 +255,9 @@ class KIVICache(KVCache):
             if t is not None:
                 out[name] = t if n is None else t[:, :, :n]
         return out
+
+    def quantized_span(self):
+        return self.n_sink_held, self.n_sink_held + self.n_q
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -523,15 +526,11 @@ class KIVI(KVKind):
     def bytes_per_token(self, params, layer):
         """Amortized bytes per token of the quantized store (K and V codes, fp16 scales and
         mins, all KV heads). An int when exact, else a float (G not dividing the scale count)."""
-        total = self._store_per_token(params, layer)
-        return int(total) if total.denominator == 1 else float(total)
+        return exact_number(self._store_per_token(params, layer))
 
     def held_split(self, params: KIVIParams, n_tokens: int) -> tuple[int, int, int]:
         """(sink, store, residual) token counts after n tokens streamed in (no eviction)."""
-        ns = min(params.sink, n_tokens)
-        rest = n_tokens - ns
-        nq = max(0, (rest - params.residual) // params.group_size) * params.group_size
-        return ns, nq, rest - nq
+        return window_split(n_tokens, params.sink, params.residual, params.group_size)
 
     def bytes_held(self, params, layer, n_tokens):
         ns, nq, nr = self.held_split(params, n_tokens)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from ...compiler.spec import LayerSpec
 from ...errors import ConfigError
 from ..kvcache import DTYPES, KVCache
-from . import KVChoice, KVCost, KVKind, KVParams, register_kind
+from . import KVChoice, KVCost, KVKind, KVParams, exact_number, register_kind, window_split
 from .kivi import SCALE_DTYPE, pack_planar, quantize_minmax, unpack_planar
 
 XQ_BITS = (2, 4, 8)
@@ -254,6 +254,10 @@ class XQuantCache(KVCache):
             parts.append(self.res.float())
         return torch.cat(parts, 1) if parts else torch.empty(B, 0, r)
 
+    def quantized_span(self):
+        ns = self._held(self.sink)
+        return ns, ns + self.n_q
+
     def nbytes(self) -> int:
         fp = sum(t.numel() * t.element_size() for t in (self.sink, self.res) if t is not None)
         return fp + sum(t.numel() * t.element_size() for t in self.store.values())
@@ -372,14 +376,10 @@ class XQuant(KVKind):
                 + (SCALE_DTYPE.itemsize if p.token_scaled(layer) else 0))
 
     def bytes_per_token(self, params, layer):
-        t = self._store_per_token(params, layer)
-        return int(t) if t.denominator == 1 else float(t)
+        return exact_number(self._store_per_token(params, layer))
 
     def held_split(self, p: XQuantParams, n: int) -> tuple[int, int, int]:
-        ns = min(p.sink, n)
-        rest = n - ns
-        nq = max(0, (rest - p.residual) // p.group_size) * p.group_size
-        return ns, nq, rest - nq
+        return window_split(n, p.sink, p.residual, p.group_size)
 
     def bytes_held(self, params, layer, n_tokens):
         ns, nq, nr = self.held_split(params, n_tokens)
