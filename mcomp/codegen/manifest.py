@@ -58,14 +58,17 @@ def format_version_for(weights: Mapping[str, Any]) -> int:
 
 
 def _legacy_kv(flat: Mapping[str, Any], where: str) -> dict:
-    """A format-1/2 layer KV record (flat: kind, dtype and, for kivi, its fields) → {kind, params}."""
-    from ..runtime.kv.kivi import KIVIParams
+    """A format-1/2 layer KV record (flat: kind plus its fields) → {kind, params}, read by the
+    kind's own legacy reader."""
+    from ..runtime.kv import KV_KINDS
     kind = flat.get("kind", "dense")
-    if kind == "dense":
-        return {"kind": "dense", "params": {"dtype": flat.get("dtype", "float32")}}
-    if kind == "kivi":
-        return {"kind": "kivi", "params": KIVIParams.from_legacy(dict(flat)).to_dict()}
-    raise ArtifactError(f"{where}: unknown KV kind {kind!r} in a format-2 manifest")
+    if kind not in KV_KINDS:
+        raise ArtifactError(f"{where}: unknown KV kind {kind!r} in a format-2 manifest")
+    try:
+        params = KV_KINDS.get(kind).Params.from_legacy(flat)
+    except ConfigError as e:
+        raise ArtifactError(f"{where}: invalid format-2 KV record: {e}") from None
+    return {"kind": kind, "params": params.to_dict()}
 
 
 def migrate(manifest: dict, where: str) -> dict:

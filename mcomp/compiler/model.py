@@ -91,6 +91,14 @@ def rope_inv_freq(rope: RopeSpec) -> torch.Tensor:
     raise ConfigError(f"unsupported rope scaling '{rope.scaling}'; choose one of: none, linear, llama3")
 
 
+def rope_table_index(spec: ModelSpec) -> dict[RopeSpec, int]:
+    """RoPE configuration → index of its table in `CausalLM.rope` (one table per distinct
+    configuration; gemma3 has a local and a global one). Anything that needs a layer's table
+    (the KV binding) asks here, so the order is defined once."""
+    ropes = sorted({l.rope for l in spec.layers if l.rope is not None}, key=repr)
+    return {r: j for j, r in enumerate(ropes)}
+
+
 class RotaryTable(LeafModule):
     """positions (B, T) → (cos, sin), each (B, 1, T, dim) in the half-split (rotate_half) layout."""
 
@@ -243,9 +251,8 @@ class CausalLM(nn.Module):
         if spec.learned_positions:
             self.pos_embed = _tag(nn.Embedding(spec.learned_positions, spec.hidden_size), "pos_embed")
         # One rotary table per distinct rope configuration (gemma3: local and global bases).
-        ropes = sorted({l.rope for l in spec.layers if l.rope is not None}, key=repr)
-        self.rope_index = {r: j for j, r in enumerate(ropes)}
-        self.rope = nn.ModuleList([_tag(RotaryTable(r), "rope") for r in ropes])
+        self.rope_index = rope_table_index(spec)
+        self.rope = nn.ModuleList([_tag(RotaryTable(r), "rope") for r in self.rope_index])
         self.layers = nn.ModuleList([Block(i, l, spec) for i, l in enumerate(spec.layers)])
         self.norm = _tag(make_norm(spec, spec.hidden_size), "final_norm")
         self.lm_head = _tag(nn.Linear(spec.hidden_size, spec.vocab_size, bias=False), "lm_head")

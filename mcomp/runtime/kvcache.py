@@ -17,7 +17,6 @@ import torch
 from ..compiler.spec import LayerSpec, ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DTYPES = DTYPES   # older name, kept for the kernels
 
 
 class KVBinding:
@@ -41,13 +40,16 @@ class KVBinding:
 
     def rotary(self, positions: torch.Tensor):
         """positions (B, T) → (cos, sin) (B, 1, T, D) of this layer's RoPE, or None (no RoPE)."""
-        from ..compiler import ir
-        spec = ir.get_spec(self.model)
-        rope = spec.layers[self.layer].rope
-        if rope is None:
+        if not hasattr(self, "_rope"):     # which table is fixed by the spec: look it up once
+            from ..compiler import ir
+            from ..compiler.model import rope_table_index
+            spec = ir.get_spec(self.model)
+            rope = spec.layers[self.layer].rope
+            self._rope = (None if rope is None else
+                          f"rope.{rope_table_index(spec)[rope]}")
+        if self._rope is None:
             return None
-        ropes = sorted({l.rope for l in spec.layers if l.rope is not None}, key=repr)
-        return self.model.get_submodule(f"rope.{ropes.index(rope)}")(positions)
+        return self.model.get_submodule(self._rope)(positions)
 
 
 class KVCache:

@@ -60,6 +60,13 @@ class KVParams:
         return d
 
     @classmethod
+    def from_legacy(cls, flat: Mapping[str, Any]) -> "KVParams":
+        """The flat KV record of format-1/2 manifests (`kind` plus the params' fields, and
+        fields other kinds used, which are dropped)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in flat.items() if k in names})
+
+    @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, where: str = "kv params") -> "KVParams":
         d = dict(d)
         v = d.pop("version", cls.VERSION)

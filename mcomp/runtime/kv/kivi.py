@@ -139,13 +139,6 @@ class KIVIParams(KVParams):
                 raise ConfigError(f"kv kivi: head_dim={D} must be a multiple of {8 // bits} to "
                                   f"pack {bits}-bit codes")
 
-    @classmethod
-    def from_legacy(cls, flat: dict) -> "KIVIParams":
-        """The flat KIVI record of format-2 manifests and assign_kv v1 configs."""
-        keep = {f: flat[f] for f in ("k_bits", "v_bits", "group_size", "residual", "sink",
-                                     "k_axis", "k_rotation", "dtype") if f in flat}
-        return cls(**keep)
-
 
 def _kivi_option(opt: str, opts: dict) -> bool:
     """Apply one shorthand option to `opts` (KIVIParams fields); False if not a KIVI option."""
