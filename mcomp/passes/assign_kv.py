@@ -36,10 +36,11 @@ def _v1_shorthand(d: Mapping[str, Any]) -> str:
             d.get("dtype", "float32"), "dense")
     bits = d.get("bits", 4)
     k, v = d.get("k_bits") or bits, d.get("v_bits") or bits
-    if k != v:
-        raise ConfigError("assign_kv: a v1 config with k_bits != v_bits has no shorthand; "
-                          "write `kv = \"kivi4\"` style configs (see docs/recipes.md)")
-    opts = [f"kivi{k}", f"g{d.get('group_size', 32)}", f"r{d.get('residual', 128)}"]
+    if d.get("dtype", "float32") != "float32":   # kivi's fp windows have no shorthand option
+        raise ConfigError(f"assign_kv: a v1 kivi config with dtype {d['dtype']!r} has no "
+                          "shorthand; its fp windows are float32 in v2 (write kv = \"kivi4...\")")
+    opts = [f"kivi{k}"] + ([f"v{v}"] if v != k else [])
+    opts += [f"g{d.get('group_size', 32)}", f"r{d.get('residual', 128)}"]
     if d.get("sink"):
         opts.append(f"s{d['sink']}")
     if d.get("k_axis", "channel") == "token":

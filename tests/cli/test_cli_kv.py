@@ -35,6 +35,10 @@ def test_optimize_kv_then_streaming_eval(tiny_hf, tmp_path):  # noqa: F811
 def test_bad_kv_flags(tiny_hf, tmp_path):  # noqa: F811
     one_line_error(mcomp("optimize", tiny_hf, "--kv", "kivi3", "--out", tmp_path / "x"), 2, "--kv")
     one_line_error(mcomp("eval", tiny_hf, "--kv", "kivi2:zz", "--streaming"), 2, "--kv")
+    one_line_error(mcomp("eval", tiny_hf, "--kv", "xquant:3", "--streaming"), 2, "bits=3")
+    one_line_error(mcomp("optimize", tiny_hf, "--kv", "xquant:2:r999", "--out", tmp_path / "y"),
+                   2, "rank 999 exceeds")
+    one_line_error(mcomp("eval", tiny_hf, "--kv", "palu:0.5", "--streaming"), 2, "xquant:BITS")
     r = mcomp("eval", tiny_hf, "--streaming", "--quantized-prefill")
     assert r.returncode == 2
 

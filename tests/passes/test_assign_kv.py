@@ -80,6 +80,12 @@ def test_v1_assign_kv_config_migrates():
                                     "k_rotation": "hadamard", "skip_layers": [0]})
     assert old.kv == "kivi2:g8:r16:s4:hk" and old.skip_layers == (0,)
     assert AssignKVConfig.from_dict({"kind": "dense"}).kv == "dense"
+    mixed = AssignKVConfig.from_dict({"k_bits": 4, "v_bits": 2})
+    assert mixed.kv == "kivi4:v2:g32:r128"
+    p = mixed.choice().spec.params
+    assert (p.k_bits, p.v_bits) == (4, 2)
+    with pytest.raises(ConfigError, match="dtype 'bfloat16' has no shorthand"):
+        AssignKVConfig.from_dict({"bits": 2, "dtype": "bfloat16"})   # not silently fp32
 
 
 def test_kv_shorthand_rotations():

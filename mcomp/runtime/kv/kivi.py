@@ -493,7 +493,7 @@ class KIVI(KVKind):
         from ...compiler.spec import KVSpec
         if not arg or int(arg) not in KV_BITS:
             raise ConfigError(f"--kv '{text}': expected kivi2, kivi4 or kivi8 "
-                              "(options :gGROUP :rRESIDUAL :sSINK :kt :hk :hv)")
+                              "(options :gGROUP :rRESIDUAL :sSINK :kBITS :vBITS :kt :hk :hv)")
         opts: dict = {"k_bits": int(arg), "v_bits": int(arg)}
         rewrites: list[str] = []
         for o in options:
