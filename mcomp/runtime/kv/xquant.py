@@ -290,13 +290,17 @@ class XQuantCache(KVCache):
         L = self.n_held
         lat_new = h.float() @ self.A                                          # (B, T, r)
         self.append_latent(lat_new, positions)
-        lat_a = self.latent()                                                 # (B, S, r) stored
-        S = lat_a.shape[1]
+        S = self.n_held
         if mask is None:  # empty cache, plain causal over the chunk
             mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
         if T == 1:
-            self.last_path = "reference"        # no C++ kernel for xquant yet
-            return self._attend(q, scale, mask, lat_a, None, None)
+            out = self.fast_decode(q, scale, mask)
+            if out is not None:
+                self.last_path = "kernel"
+                return out
+            self.last_path = "reference"
+            return self._attend(q, scale, mask, self.latent(), None, None)
+        lat_a = self.latent()                                                 # (B, S, r) stored
         lat_b = lat_a.clone()
         lat_b[:, L:L + T] = lat_new                                           # chunk in fp
         if not self.quantize_before_attend:
@@ -310,6 +314,11 @@ class XQuantCache(KVCache):
         from .kivi import quantized_at
         sel = quantized_at(torch.arange(S), torch.arange(L, L + T), self.G, self.R, self.n_sink)
         return self._attend(q, scale, mask, lat_a, lat_b, sel)
+
+    def fast_decode(self, q, scale, mask):
+        """One decode step through a fast kernel that reads the packed store directly, or None
+        when no kernel applies (the caller then runs the reference `_attend`)."""
+        return None
 
     def _attend(self, q, scale, mask, lat_a, lat_b, sel):
         """Attention over latents: query t sees column j from lat_a where sel[t, j] (or always,
