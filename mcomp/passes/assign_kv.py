@@ -96,18 +96,20 @@ class AssignKV(Pass):
         chosen = {i % n for i in cfg.layers} if cfg.layers else set(range(n))
         chosen -= {i % n for i in cfg.skip_layers}
         kv = cfg.choice().spec
-        if KV_KINDS.get(kv.kind).reads_input:
+        kind = KV_KINDS.get(kv.kind)
+        if kind.reads_input:
             for i in sorted(chosen):
                 check_input_is_kv_input(gm, i, kv.kind)
 
         before = model_bytes_per_token(spec)
         new = spec
-        for i in sorted(chosen):
-            new = new.with_layer(i, kv=kv)  # LayerSpec validates kv against the layer
+        order = tuple(sorted(chosen))
+        for i in order:   # LayerSpec validates kv against the layer
+            new = new.with_layer(i, kv=kind.for_layer(kv, spec, i, order))
         ir.set_spec(gm, new)
         fp16 = sum(2 * l.kv_dim * 2 for l in new.layers)
         after = model_bytes_per_token(new)
-        stats = {"layers": sorted(chosen), "kv": kv.label(),
+        stats = {"layers": list(order), "kv": kv.label(),
                  "kv_bytes_per_token_before": before, "kv_bytes_per_token_after": after,
                  "kv_ratio_vs_fp16": round(after / fp16, 4)}
         return PassResult(gm, stats)

@@ -24,9 +24,12 @@ class KVBinding:
     a pass that swaps a module, e.g. quantization, is seen). A cache that rematerializes K/V
     from the attention input calls these; dense and KIVI caches never do."""
 
-    def __init__(self, model, layer: int):
+    def __init__(self, model, layer: int, shared: dict | None = None):
         self.model = model
         self.layer = layer
+        #: scratch shared by every layer's cache of one AttentionState, for representations that
+        #: span layers (xquant-cl keeps its cross-layer accumulator here); keys are kind names
+        self.shared = {} if shared is None else shared
 
     def module(self, name: str):
         return self.model.get_submodule(f"layers.{self.layer}.{name}")
@@ -107,12 +110,14 @@ class AttentionState:
         from ..errors import ConfigError
         from .kv import KV_KINDS
         self.caches = []
+        shared: dict = {"spec": spec}     # the spec these caches were built from
         for i, l in enumerate(spec.layers):
             kind = KV_KINDS.get(l.kv.kind)
             if kind.needs_binding and model is None:
                 raise ConfigError(f"layer {i}: a '{l.kv.kind}' cache recomputes K/V through the "
                                   "model's projections: build AttentionState(..., model=gm)")
-            self.caches.append(kind.cache(l, batch, KVBinding(model, i) if model is not None else None))
+            self.caches.append(kind.cache(l, batch, KVBinding(model, i, shared)
+                                           if model is not None else None))
         for c in self.caches:  # see KVCache.quantize_before_attend
             c.quantize_before_attend = quantize_before_attend
         self.batch = batch

@@ -32,7 +32,7 @@ from ...errors import ConfigError
 from ...registry import Registry
 
 if TYPE_CHECKING:
-    from ...compiler.spec import KVSpec, LayerSpec
+    from ...compiler.spec import KVSpec, LayerSpec, ModelSpec
     from ..kvcache import KVBinding, KVCache
 
 
@@ -137,6 +137,12 @@ class KVKind:
     def cost(self, params: KVParams, layer: "LayerSpec", context: int) -> KVCost:
         raise NotImplementedError
 
+    def for_layer(self, spec: "KVSpec", model: "ModelSpec", layer: int,
+                  chosen: "tuple[int, ...]") -> "KVSpec":
+        """The spec layer `layer` of `model` gets when `spec` is assigned to the layers `chosen`
+        (sorted): the same spec for most kinds; a cross-layer kind marks which layers anchor."""
+        return spec
+
     def verify_steps(self, params: KVParams) -> int:
         return 4
 
@@ -224,3 +230,4 @@ def parse_kv(text: str) -> KVChoice:
 from . import dense  # noqa: E402,F401
 from . import kivi  # noqa: E402,F401
 from . import xquant  # noqa: E402,F401
+from . import xquant_cl  # noqa: E402,F401

@@ -118,11 +118,9 @@ class XQuantParams(KVParams):
                               f"the group {self.v_group(layer)}")
 
 
-def latent_factors(binding, layer: LayerSpec, params: "XQuantParams"):
-    """(A (hidden, r), B_k (kv_dim, rk'), B_v (kv_dim, rv'), b_k, b_v) from the layer's current
-    K/V projection weights (dequantized if quantized; sliced from a fused qkv_proj). Stacked:
-    one basis of [W_k; W_v], B_k and B_v over all r channels. Split: A = [A_k | A_v], the right
-    singular bases of W_k and W_v, B_k over the first rk channels and B_v over the rest."""
+def kv_weights(binding, layer: LayerSpec):
+    """(W_k, W_v (kv_dim, hidden), b_k, b_v (kv_dim,)) fp32 from the layer's current K/V
+    projections (dequantized if quantized; sliced from a fused qkv_proj; zero biases if none)."""
     def weight_of(mod):
         w = mod.dequantize() if hasattr(mod, "dequantize") else mod.weight
         return w.detach().float(), (None if getattr(mod, "bias", None) is None
@@ -136,14 +134,25 @@ def latent_factors(binding, layer: LayerSpec, params: "XQuantParams"):
         wk, wv = w[q:q + kv], w[q + kv:q + 2 * kv]
         bk, bv = (None, None) if b is None else (b[q:q + kv], b[q + kv:q + 2 * kv])
     else:
-        raise ConfigError(f"xquant: layer {binding.layer} has no k_proj/v_proj (or qkv_proj) whose "
-                          "input is the attention input")
-    def basis(w, n):
-        _, _, vh = torch.linalg.svd(w.double(), full_matrices=False)     # vh: (rows, hidden)
-        return vh[:n].T.contiguous()                                     # (hidden, n)
-
+        raise ConfigError(f"{layer.kv.kind}: layer {binding.layer} has no k_proj/v_proj (or "
+                          "qkv_proj) whose input is the attention input")
     zeros = torch.zeros(kv)
-    bk, bv = (zeros if bk is None else bk), (zeros if bv is None else bv)
+    return wk, wv, (zeros if bk is None else bk), (zeros if bv is None else bv)
+
+
+def right_basis(w: torch.Tensor, n: int) -> torch.Tensor:
+    """The n leading right singular vectors of w (rows, hidden) → (hidden, n), float64."""
+    _, _, vh = torch.linalg.svd(w.double(), full_matrices=False)         # vh: (rows, hidden)
+    return vh[:n].T.contiguous()
+
+
+def latent_factors(binding, layer: LayerSpec, params: "XQuantParams"):
+    """(A (hidden, r), B_k (kv_dim, rk'), B_v (kv_dim, rv'), b_k, b_v) from the layer's current
+    K/V projection weights. Stacked: one basis of [W_k; W_v], B_k and B_v over all r channels.
+    Split: A = [A_k | A_v], the right singular bases of W_k and W_v, B_k over the first rk
+    channels and B_v over the rest."""
+    wk, wv, bk, bv = kv_weights(binding, layer)
+    basis = right_basis
     if params.basis == "stacked":
         A = basis(torch.cat([wk, wv], 0), params.rank_for(layer))         # (hidden, r)
         return A.float(), (wk.double() @ A).float(), (wv.double() @ A).float(), bk, bv
@@ -159,17 +168,22 @@ class XQuantCache(KVCache):
     def __init__(self, layer: LayerSpec, batch: int, binding):
         super().__init__(layer, batch, binding)
         p = layer.kv.params
-        self.p = p
-        self.r = p.rank_for(layer)
+        self.A, self.Bk, self.Bv, self.bk, self.bv = latent_factors(binding, layer, p)
+        self._init_store(p, p.bits, p.rank_for(layer), *p.split_ranks(layer), p.v_group(layer),
+                         p.token_scaled(layer), split=p.basis == "split")
+
+    def _init_store(self, p, bits, r, rk, rv, gv, tok_scale, split):
+        """The latent store's geometry (shared with kinds that store other latents: xquant-cl):
+        r channels, the first rk quantized per channel at `bits` (over blocks of G tokens, divided
+        by the token RMS first if tok_scale), the other rv per token in groups of gv."""
+        layer, batch, binding = self.layer, self.batch, self.binding
+        self.p, self.bits, self.r = p, bits, r
         self.G, self.R, self.n_sink = p.group_size, p.residual, p.sink
         self.H, self.D = layer.n_kv_heads, layer.head_dim
         self.fp_dtype = DTYPES[p.dtype]
-        self.A, self.Bk, self.Bv, self.bk, self.bv = latent_factors(binding, layer, p)
-        self.rk, self.rv = p.split_ranks(layer)           # per-channel | per-token channels
-        self.gv = p.v_group(layer)
-        self.tok_scale = p.token_scaled(layer)
-
-        split = p.basis == "split"
+        self.rk, self.rv = rk, rv                          # per-channel | per-token channels
+        self.gv = gv
+        self.tok_scale = tok_scale
         # which latent channels K and V are made of
         self.k_cols = slice(0, self.rk) if split else slice(0, self.r)
         self.v_cols = slice(self.rk, self.r) if split else slice(0, self.r)
@@ -217,42 +231,55 @@ class XQuantCache(KVCache):
         self.res = lat if self.res is None else torch.cat([self.res, lat], 1)
         while self.res.shape[1] - self.R >= self.G:
             blk, self.res = self.res[:, :self.G], self.res[:, self.G:].clone()
-            B, G = blk.shape[:2]
-            part = blk[..., :self.rk].float()
-            if self.tok_scale:
-                n = part.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-4).to(SCALE_DTYPE)
-                self._push("nscales", n)                                    # (B, G, 1)
-                part = part / n.float()
-            q, s, m = quantize_minmax(part, 1, self.p.bits)                 # (B, G, rk); (B, 1, rk)
-            self._push("codes", pack_planar(q.transpose(1, 2).reshape(B, -1), self.p.bits))
-            self._push("scales", torch.cat([s, m], 1))                      # (B, 2, rk)
-            if self.rv:
-                tv = blk[..., self.rk:].reshape(B, G, self.rv // self.gv, self.gv)
-                q, s, m = quantize_minmax(tv, 3, self.p.bits)               # s: (B, G, ng, 1)
-                self._push("tcodes", pack_planar(q.reshape(B, -1), self.p.bits))
-                self._push("tscales", torch.stack([s[..., 0], m[..., 0]], 1))  # (B, 2, G, ng)
+            self._flush_block(blk.float())
             self.nb += 1
+
+    #: codes, fp16 scale and min of x reduced over a dim (x ≈ scale·code + min)
+    quantize = staticmethod(quantize_minmax)
+
+    def _flush_block(self, blk: torch.Tensor) -> None:
+        """Quantize one block (B, G, r) of the fp window into the store (row nb)."""
+        B, G = blk.shape[:2]
+        part = blk[..., :self.rk]
+        if self.tok_scale:
+            n = part.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-4).to(SCALE_DTYPE)
+            self._push("nscales", n)                                        # (B, G, 1)
+            part = part / n.float()
+        q, s, m = self.quantize(part, 1, self.bits)                         # (B, G, rk); (B, 1, rk)
+        self._push("codes", pack_planar(q.transpose(1, 2).reshape(B, -1), self.bits))
+        self._push("scales", torch.cat([s, m], 1))                          # (B, 2, rk)
+        if self.rv:
+            tv = blk[..., self.rk:].reshape(B, G, self.rv // self.gv, self.gv)
+            q, s, m = self.quantize(tv, 3, self.bits)                       # s: (B, G, ng, 1)
+            self._push("tcodes", pack_planar(q.reshape(B, -1), self.bits))
+            self._push("tscales", torch.stack([s[..., 0], m[..., 0]], 1))   # (B, 2, G, ng)
 
     def latent(self) -> torch.Tensor:
         """Everything held as fp32 (B, S, r), in append order (dequantized store; reference)."""
         parts = [self.sink.float()] if self.sink is not None else []
-        B, G, rk, rv, gv = self.batch, self.G, self.rk, self.rv, self.gv
         if self.nb:
-            st, nb = self.store, self.nb
-            q = unpack_planar(st["codes"], self.p.bits).float().view(B, nb, rk, G).transpose(2, 3)
-            sm = st["scales"].float()                                         # (B, nb, 2, rk)
-            blk = q * sm[:, :, :1] + sm[:, :, 1:]                             # (B, nb, G, rk)
-            if self.tok_scale:
-                blk = blk * st["nscales"].float()
-            if rv:
-                qt = unpack_planar(st["tcodes"], self.p.bits).float().view(B, nb, G, rv // gv, gv)
-                ts = st["tscales"].float()                                    # (B, nb, 2, G, ng)
-                tv = qt * ts[:, :, 0, ..., None] + ts[:, :, 1, ..., None]
-                blk = torch.cat([blk, tv.reshape(B, nb, G, rv)], -1)
-            parts.append(blk.reshape(B, nb * G, -1))
+            parts.append(self.store_latent())
         if self.res is not None:
             parts.append(self.res.float())
-        return torch.cat(parts, 1) if parts else torch.empty(B, 0, r)
+        return torch.cat(parts, 1) if parts else torch.empty(self.batch, 0, self.r)
+
+    def store_latent(self) -> torch.Tensor:
+        """The quantized store dequantized, (B, n_q, r) fp32."""
+        B, G, rk, rv, gv = self.batch, self.G, self.rk, self.rv, self.gv
+        st, nb = self.store, self.nb
+        if nb == 0:
+            return torch.empty(B, 0, self.r)
+        q = unpack_planar(st["codes"], self.bits).float().view(B, nb, rk, G).transpose(2, 3)
+        sm = st["scales"].float()                                             # (B, nb, 2, rk)
+        blk = q * sm[:, :, :1] + sm[:, :, 1:]                                 # (B, nb, G, rk)
+        if self.tok_scale:
+            blk = blk * st["nscales"].float()
+        if rv:
+            qt = unpack_planar(st["tcodes"], self.bits).float().view(B, nb, G, rv // gv, gv)
+            ts = st["tscales"].float()                                        # (B, nb, 2, G, ng)
+            tv = qt * ts[:, :, 0, ..., None] + ts[:, :, 1, ..., None]
+            blk = torch.cat([blk, tv.reshape(B, nb, G, rv)], -1)
+        return blk.reshape(B, nb * G, -1)
 
     def quantized_span(self):
         ns = self._held(self.sink)
@@ -275,6 +302,10 @@ class XQuantCache(KVCache):
             k = apply_rope(k, *rot)
         return k
 
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """The latent of the attention input h (B, T, hidden) → (B, T, r)."""
+        return h.float() @ self.A
+
     def load(self, k, v, h=None):
         raise ConfigError("an xquant cache stores the attention input, not K/V: it cannot be "
                           "filled from another cache's K/V")
@@ -288,7 +319,7 @@ class XQuantCache(KVCache):
             raise ConfigError("xquant: the layer did not hand its cache the attention input")
         B, Hq, T, D = q.shape
         L = self.n_held
-        lat_new = h.float() @ self.A                                          # (B, T, r)
+        lat_new = self.project(h)                                             # (B, T, r)
         self.append_latent(lat_new, positions)
         S = self.n_held
         if mask is None:  # empty cache, plain causal over the chunk
