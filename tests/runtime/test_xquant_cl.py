@@ -34,7 +34,7 @@ def test_full_precision_streaming_equals_no_cache():
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_8bit_close_and_nbytes_match_accounting(qk_norm):
-    """(qk_norm layers also store a per-token scale of the difference.)"""
+    """(llama-style and qk_norm layers)"""
     spec = tiny_spec(n_layers=3)
     if qk_norm:
         spec = dataclasses.replace(spec, layers=tuple(dataclasses.replace(l, qk_norm=True)
