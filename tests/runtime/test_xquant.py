@@ -172,6 +172,17 @@ def test_rank_above_the_layer_is_refused():
         apply_kv_flag(tiny_gm(), "xquant:4:r96")
 
 
+def test_a_basis_wider_than_the_layer_input_is_refused():
+    """kv_dim 4 × 32 = 128 > hidden 96: W_k has rank ≤ 96, so a 128-channel K basis does not
+    exist (this crashed in the store's reshape before the check)."""
+    gm = tiny_gm(tiny_spec(n_layers=1, heads=8, kv_heads=4, head_dim=32, hidden=96))
+    apply_kv_flag(gm, "xquant:4")
+    with pytest.raises(ConfigError, match="128 channels per basis exceeds the layer input width 96"):
+        AttentionState(ir.get_spec(gm), 1, model=gm)
+    apply_kv_flag(gm, "xquant:4:r192")    # 96 + 96: fits
+    assert AttentionState(ir.get_spec(gm), 1, model=gm).caches[0].r == 192
+
+
 def test_xquant_on_a_layer_whose_input_is_not_the_kv_input_is_refused():
     gm = tiny_gm(tiny_spec(n_layers=1))
     attn = next(ir.nodes_by_role(gm, "attn"))

@@ -29,8 +29,10 @@ residual window of the `residual` most recent tokens flushed G at a time, `sink`
 Shorthand: `xquant:BITS` (2, 4, 8) with `:rRANK` (latent rank, default full = 2·kv_dim),
 `:gN` (group), `:resN` (fp residual window; `r` is the rank here), `:sN` (sinks).
 
-This is the pure-torch reference path (dequantize the latent, rematerialize K over the held
-tokens); a C++ decode kernel that reads the packed latent directly is not built yet.
+Decode steps run the C++ kernel (runtime/kernels/xquant_attention.py) when it builds: it reads
+the packed latent tile by tile and never materializes K or V of the context. `_attend` is the
+pure-torch reference (dequantize the latent, rematerialize K over all held tokens) that the
+kernel is tested against, and the path for prefill chunks.
 """
 from __future__ import annotations
 
@@ -152,6 +154,14 @@ def latent_factors(binding, layer: LayerSpec, params: "XQuantParams"):
     Split: A = [A_k | A_v], the right singular bases of W_k and W_v, B_k over the first rk
     channels and B_v over the rest."""
     wk, wv, bk, bv = kv_weights(binding, layer)
+    hidden = wk.shape[1]
+    widest = params.rank_for(layer) if params.basis == "stacked" else max(params.split_ranks(layer))
+    if widest > hidden:
+        # W_k, W_v (and [W_k; W_v]) have rank ≤ hidden: a wider basis does not exist, and a latent
+        # that wide would also be larger than X itself
+        raise ConfigError(f"kv xquant: a latent of {widest} channels per basis exceeds the layer "
+                          f"input width {hidden} (layer {binding.layer}); use :rRANK with RANK ≤ "
+                          f"{hidden if params.basis == 'stacked' else 2 * hidden}")
     basis = right_basis
     if params.basis == "stacked":
         A = basis(torch.cat([wk, wv], 0), params.rank_for(layer))         # (hidden, r)
@@ -349,7 +359,8 @@ class XQuantCache(KVCache):
     def fast_decode(self, q, scale, mask):
         """One decode step through a fast kernel that reads the packed store directly, or None
         when no kernel applies (the caller then runs the reference `_attend`)."""
-        return None
+        from ..kernels import xquant_attention as xa
+        return xa.decode(self, q, scale, mask) if xa.use_kernel(self) else None
 
     def _attend(self, q, scale, mask, lat_a, lat_b, sel):
         """Attention over latents: query t sees column j from lat_a where sel[t, j] (or always,

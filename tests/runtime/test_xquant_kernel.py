@@ -1,0 +1,147 @@
+"""The C++ xquant decode kernel against the pure-torch reference (`XQuantCache._attend` on the
+dequantized latent), over the shapes and options the kind accepts, and end to end."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mcomp.compiler import ir
+from mcomp.passes.assign_kv import apply_kv_flag
+from mcomp.runtime import kernels
+from mcomp.runtime.kernels import xquant_attention as xa
+from mcomp.runtime.kvcache import AttentionState
+from tests.helpers import tiny_gm, tiny_spec
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not xa.available(), reason="xquant kernel not built")]
+
+
+def model(kv: str, qk_norm=False, n_layers=1, heads=4, kv_heads=2, head_dim=16, hidden=64):
+    spec = tiny_spec(n_layers=n_layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                     hidden=hidden)
+    if qk_norm:
+        spec = dataclasses.replace(spec, layers=tuple(
+            dataclasses.replace(l, qk_norm=True, qkv_bias=True) for l in spec.layers))
+    gm = tiny_gm(spec)
+    apply_kv_flag(gm, kv)
+    return gm
+
+
+def drive(gm, B, prefill, steps, scale=0.25, seed=0, mask_fn=None):
+    """Prefill then decode `steps` tokens straight through layer 0's cache; at every step the
+    kernel's output and the reference's on the same stored state. Yields (kernel, reference)."""
+    spec = ir.get_spec(gm)
+    st = AttentionState(spec, B, model=gm)
+    c = st.caches[0]
+    g = torch.Generator().manual_seed(seed)
+    hidden, Hq, D = spec.hidden_size, spec.layers[0].n_heads, spec.layers[0].head_dim
+    S0 = prefill
+    h = torch.randn(B, S0, hidden, generator=g)
+    pos = torch.arange(S0)[None].expand(B, -1)
+    c.attend(torch.randn(B, Hq, S0, D, generator=g), None, None, scale, None, h=h, positions=pos)
+    for t in range(steps):
+        S = S0 + t + 1
+        q = torch.randn(B, Hq, 1, D, generator=g)
+        mask = torch.ones(B, 1, 1, S, dtype=torch.bool) if mask_fn is None else mask_fn(B, S)
+        out = c.attend(q, None, None, scale, mask, h=torch.randn(B, 1, hidden, generator=g),
+                       positions=torch.full((B, 1), S - 1))
+        assert c.last_path == "kernel"
+        yield out, c._attend(q, scale, mask, c.latent(), None, None)
+
+
+def assert_matches(pairs):
+    n = 0
+    for got, want in pairs:
+        # fp32 throughout; both sum the same ≤ 8k-term products in different orders, so a few
+        # ulps of the output's own scale (the softmax-weighted values), not an absolute guess
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * want.abs().max().item())
+        n += 1
+    assert n
+
+
+@pytest.mark.parametrize("kv", ["xquant:2:g4:res4", "xquant:4:g8:res8:s3", "xquant:8:g32:res16",
+                                "xquant:2:g4:res4:stacked", "xquant:2:g4:res4:r24",
+                                "xquant:4:g4:res0:ts", "xquant:2:g16:res0:s1:stacked:r40"])
+def test_kernel_equals_reference(kv):
+    assert_matches(drive(model(kv), B=1, prefill=45, steps=12))
+
+
+def test_qk_norm_and_bias_layers():
+    """k_norm (RMSNorm with weight) and a k bias enter before RoPE; token scale is on."""
+    gm = model("xquant:2:g4:res4:s2", qk_norm=True)
+    c = AttentionState(ir.get_spec(gm), 1, model=gm).caches[0]
+    assert c.has_knorm and c.tok_scale
+    assert_matches(drive(gm, B=1, prefill=37, steps=10))
+
+
+def test_batch_and_padding_mask():
+    """Left padding (masked columns in a quantized block and in the sink) per batch row."""
+    def mask_fn(B, S):
+        m = torch.ones(B, 1, 1, S, dtype=torch.bool)
+        m[1, ..., :6] = False
+        return m
+    assert_matches(drive(model("xquant:4:g4:res4:s2"), B=2, prefill=30, steps=6, mask_fn=mask_fn))
+
+
+def test_sliding_window_skips_whole_tiles():
+    def mask_fn(B, S):
+        m = torch.zeros(B, 1, 1, S, dtype=torch.bool)
+        m[..., -20:] = True
+        return m
+    assert_matches(drive(model("xquant:2:g4:res4"), B=1, prefill=90, steps=5, mask_fn=mask_fn))
+
+
+def test_wide_heads_use_the_vector_micro_kernel():
+    """kv_dim = 4 × 32 = 128 (multiple of 32: the AVX-512 path) and 3 query heads per KV head."""
+    gm = model("xquant:2:g32:res32:s4", heads=12, kv_heads=4, head_dim=32, hidden=256)
+    assert_matches(drive(gm, B=1, prefill=200, steps=4))
+
+
+def test_streaming_logits_and_greedy_tokens_equal_the_reference_path():
+    gm = model("xquant:2:g4:res4:s2", n_layers=2)
+    spec = ir.get_spec(gm)
+
+    def stream(ids, n_new):
+        st = AttentionState(spec, 1, model=gm)
+        pos = torch.arange(ids.shape[1])[None]
+        st.begin(pos)
+        logits = [gm(ids, pos, st)[:, -1]]
+        toks = []
+        for t in range(n_new):
+            nxt = logits[-1].argmax(-1, keepdim=True)
+            toks.append(int(nxt))
+            p = torch.tensor([[ids.shape[1] + t]])
+            st.begin(p)
+            logits.append(gm(nxt, p, st)[:, -1])
+        return torch.stack(logits, 1), toks, st
+
+    ids = torch.randint(3, 128, (1, 25), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        fast, fast_toks, st = stream(ids, 20)
+        with kernels.reference_mode():
+            ref, ref_toks, st_ref = stream(ids, 20)
+    assert st.caches[0].last_path == "kernel" and st_ref.caches[0].last_path == "reference"
+    assert fast_toks == ref_toks
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    # one RoPE table for both layers (same positions), not one per layer
+    shared = st.caches[0].binding.shared
+    assert shared is st.caches[1].binding.shared
+    assert len([k for k in shared if isinstance(k, tuple) and k[0] == "xquant-rope"]) == 1
+
+
+def test_a_wrong_scale_is_caught():
+    """The comparison can fail: the kernel fed a corrupted fp16 scale disagrees."""
+    gm = model("xquant:2:g4:res4")
+    c = AttentionState(ir.get_spec(gm), 1, model=gm).caches[0]
+    g = torch.Generator().manual_seed(5)
+    c.attend(torch.randn(1, 4, 30, 16), None, None, 0.25, None, h=torch.randn(1, 30, 64, generator=g),
+             positions=torch.arange(30)[None])
+    q = torch.randn(1, 4, 1, 16, generator=g)
+    mask = torch.ones(1, 1, 1, 31, dtype=torch.bool)
+    c.append_latent(c.project(torch.randn(1, 1, 64, generator=g)), torch.tensor([[30]]))
+    want = c._attend(q, 0.25, mask, c.latent(), None, None)
+    c.store["scales"][0, 0, 0] *= 4
+    got = xa.decode(c, q, 0.25, mask)
+    assert not torch.allclose(got, want, rtol=1e-5, atol=2e-6 * want.abs().max().item())
