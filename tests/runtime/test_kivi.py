@@ -40,7 +40,7 @@ from helpers import tiny_gm, tiny_spec
 
 ATOL = RTOL = 1e-4
 
-needs_kernel = pytest.mark.skipif(not ka.available(), reason=f"KIVI kernel unavailable: {ka._error}")
+needs_kernel = pytest.mark.skipif(not ka.available(), reason=f"KIVI kernel unavailable: {ka.KERNEL.error}")
 
 
 def kivi(bits=2, kb=None, vb=None, g=8, r=8, sink=0, axis="channel"):
@@ -297,7 +297,7 @@ def test_attend_uses_kernel_and_reference_mode_forces_reference():
 
 def test_kernel_unavailable_falls_back(monkeypatch):
     monkeypatch.setenv("MCOMP_NO_KIVI_KERNEL", "1")
-    monkeypatch.setattr(ka, "_module", None)
+    monkeypatch.setattr(ka.KERNEL, "module", None)
     assert not ka.available()
     with pytest.raises(Exception, match="disabled"):
         ka.load()

@@ -272,4 +272,6 @@ def test_xquant_runs_passkey_with_its_own_prefill(session):
                                                    trials=1))
     [t] = rep.trials
     a = t.answers["xquant:2:g8:res16"]
-    assert a.needle_quantized is not None and a.paths == ("reference",)
+    from mcomp.runtime.kernels import xquant_attention as xa
+    assert a.needle_quantized is not None
+    assert a.paths == (("kernel",) if xa.available() else ("reference",))

@@ -68,6 +68,14 @@ def test_kernel_equals_reference(kv):
     assert_matches(drive(model(kv), B=1, prefill=45, steps=12))
 
 
+def test_blocks_longer_than_the_fp_tile():
+    """G = 64 > the 32-row fp tile: a block is one tile of G rows."""
+    gm = model("xquant:2:g64:res0:s2")
+    pairs = list(drive(gm, B=1, prefill=150, steps=3))
+    assert AttentionState(ir.get_spec(gm), 1, model=gm).caches[0].G == 64
+    assert_matches(pairs)
+
+
 def test_qk_norm_and_bias_layers():
     """k_norm (RMSNorm with weight) and a k bias enter before RoPE; token scale is on."""
     gm = model("xquant:2:g4:res4:s2", qk_norm=True)

@@ -35,14 +35,9 @@ for the kernel explicitly (`load()`) raises KernelUnavailable with the reason.
 """
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 
-from ...errors import KernelUnavailable
-
-log = logging.getLogger("mcomp.kernels")
+from .jit import CFLAGS, LDFLAGS, JitExtension
 
 _NAME = "mcomp_kivi_attention_v9"
 
@@ -592,41 +587,10 @@ torch::Tensor kivi_decode(torch::Tensor q, torch::Tensor sink_k, torch::Tensor s
 }
 """
 
-_module = None
-_error: str | None = None
-
-
-def load():
-    """The compiled extension (built once per source version, cached); KernelUnavailable with
-    the reason when it cannot be built."""
-    global _module, _error
-    if _module is not None:
-        return _module
-    if os.environ.get("MCOMP_NO_KIVI_KERNEL"):
-        raise KernelUnavailable("KIVI attention kernel disabled by MCOMP_NO_KIVI_KERNEL")
-    if _error is not None:
-        raise KernelUnavailable(_error)
-    try:
-        from torch.utils import cpp_extension
-        if not cpp_extension.is_ninja_available():
-            raise RuntimeError("ninja is not installed (pip install ninja)")
-        _module = cpp_extension.load_inline(
-            name=_NAME, cpp_sources=[_SRC], functions=["kivi_decode", "kivi_simd"],
-            extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
-            extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # compiler, ninja, headers: report and fall back
-        _error = f"KIVI attention kernel unavailable: {type(e).__name__}: {str(e)[:300]}"
-        log.warning("%s; using the reference attention", _error)
-        raise KernelUnavailable(_error) from None
-    return _module
-
-
-def available() -> bool:
-    try:
-        load()
-        return True
-    except KernelUnavailable:
-        return False
+KERNEL = JitExtension("KIVI attention kernel", "MCOMP_NO_KIVI_KERNEL", lambda ext: ext.load_inline(
+    name=_NAME, cpp_sources=[_SRC], functions=["kivi_decode", "kivi_simd"], extra_cflags=CFLAGS,
+    extra_ldflags=LDFLAGS, verbose=False))
+load, available = KERNEL.load, KERNEL.available
 
 
 def use_kernel(cache) -> bool:

@@ -4,7 +4,7 @@ The C++ source is csrc/xquant_attention.cpp (its header comment gives the algori
 ≤ 32 tokens the latent is dequantized once for all KV heads, K is rematerialized tile by tile
 (K = L_k·B_kᵀ + b_k, k_norm, RoPE) and scored, and the softmax weights are applied to the V
 latent; only at the end is each query head's P·L_v projected by B_v. Peak scratch per task is a
-tile's latent and keys (32 × (r + kv_dim) floats): no K or V of the whole context exists.
+tile's latent and keys (max(32, G) × (r + kv_dim) floats): no K or V of the whole context exists.
 
 Built with `torch.utils.cpp_extension.load` (JIT, cached in torch's extension dir; -O3
 -march=native). If it cannot be built (no ninja or compiler), or MCOMP_NO_XQUANT_KERNEL=1,
@@ -18,53 +18,18 @@ RoPE kind, not per layer (SmolLM2 at 8k: 2 MB), and its values are the reference
 """
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 
 import torch
 
-from ...errors import KernelUnavailable
-
-log = logging.getLogger("mcomp.kernels")
+from .jit import CFLAGS, LDFLAGS, JitExtension
 
 _SRC = Path(__file__).with_name("csrc") / "xquant_attention.cpp"
 _NAME = "mcomp_xquant_attention_v1"
 
-_module = None
-_error: str | None = None
-
-
-def load():
-    """The compiled extension (built once, cached); KernelUnavailable with the reason otherwise."""
-    global _module, _error
-    if _module is not None:
-        return _module
-    if os.environ.get("MCOMP_NO_XQUANT_KERNEL"):
-        raise KernelUnavailable("xquant attention kernel disabled by MCOMP_NO_XQUANT_KERNEL")
-    if _error is not None:
-        raise KernelUnavailable(_error)
-    try:
-        from torch.utils import cpp_extension
-        if not cpp_extension.is_ninja_available():
-            raise RuntimeError("ninja is not installed (pip install ninja)")
-        _module = cpp_extension.load(
-            name=_NAME, sources=[str(_SRC)],
-            extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
-            extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # compiler, ninja, headers: report once and fall back
-        _error = f"xquant attention kernel unavailable: {type(e).__name__}: {str(e)[:300]}"
-        log.warning("%s; using the reference attention", _error)
-        raise KernelUnavailable(_error) from None
-    return _module
-
-
-def available() -> bool:
-    try:
-        load()
-        return True
-    except KernelUnavailable:
-        return False
+KERNEL = JitExtension("xquant attention kernel", "MCOMP_NO_XQUANT_KERNEL", lambda ext: ext.load(
+    name=_NAME, sources=[str(_SRC)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=False))
+load, available = KERNEL.load, KERNEL.available
 
 
 def _rmsnorm_weight(cache):
@@ -78,10 +43,12 @@ def _rmsnorm_weight(cache):
 def use_kernel(cache) -> bool:
     """Whether this cache's decode step can run the kernel."""
     from .. import kernels
-    if kernels._FORCE_REFERENCE or cache.G > 32 or cache.bits not in (2, 4, 8):
+    if kernels._FORCE_REFERENCE or cache.bits not in (2, 4, 8):
         return False
     if cache.has_knorm and _rmsnorm_weight(cache) is None:
         return False
+    if cache.layer.rope is not None and cache.layer.rope.dim != cache.D:
+        return False           # partial rotary: the kernel rotates whole heads
     return available()
 
 
@@ -115,8 +82,6 @@ def rope_halves(cache):
                "sin": torch.empty(cache.batch, 0, half)}
     n = tab["pos"].shape[1]
     cos, sin = b.rotary(cache.pos[:, n:])                      # (B, 1, T, D)
-    if cos.shape[-1] != cache.D:
-        raise KernelUnavailable("partial rotary")
     tab = {"pos": cache.pos.clone(),
            "cos": torch.cat([tab["cos"], cos[:, 0, :, :half].float()], 1).contiguous(),
            "sin": torch.cat([tab["sin"], sin[:, 0, :, :half].float()], 1).contiguous()}

@@ -5,7 +5,7 @@
 // [sink (fp) | quantized blocks of G tokens | residual (fp)]. Channels [k_off, k_off + kn) make the
 // keys, [v_off, v_off + vn) the values:
 //     K_h[t] = rope_t(k_norm(B_k,h · L[t, k] + b_k,h))     V_h[t] = B_v,h · L[t, v] + b_v,h
-// The work is cut into tiles of at most 32 tokens (one quantized block, or a run of fp rows); a
+// The work is cut into tiles (one quantized block of G tokens, or a run of ≤ 32 fp rows); a
 // task owns a contiguous run of tiles of one batch row and, per tile:
 //   1. dequantizes the tile's latent once (per-channel codes: channel-major in the block, fp16
 //      scale/min per channel, optional per-token RMS; per-token codes: token-major, fp16
@@ -180,8 +180,8 @@ void run_task(const Args& a, int64_t b, int64_t t_lo, int64_t t_hi, float* pm, f
               float* pacc) {
   const int64_t Hq = a.Hq, H = a.H, D = a.D, rep = Hq / H, kv = H * D, half = D / 2, vn = a.vn;
   const Tiles tl(a);
-  std::vector<float> buf(TILE * a.r), codes_f(TILE * std::max(a.rk, a.rv)), K(TILE * kv),
-      z(Hq * TILE);
+  const int64_t TR = std::max<int64_t>(TILE, a.G);   // rows of the largest tile (a block of G)
+  std::vector<float> buf(TR * a.r), codes_f(TR * std::max(a.rk, a.rv)), K(TR * kv), z(Hq * TR);
   for (int64_t h = 0; h < Hq; ++h) { pm[h] = NEG; pl[h] = 0.f; }
   std::fill(pacc, pacc + Hq * vn, 0.f);
   const float* q = a.q + b * Hq * D;
@@ -217,12 +217,12 @@ void run_task(const Args& a, int64_t b, int64_t t_lo, int64_t t_hi, float* pm, f
           const float* __restrict qh = q + (h * rep + j) * D;
           float dot = 0.f;
           for (int64_t d = 0; d < D; ++d) dot += qh[d] * k[d];
-          z[(h * rep + j) * TILE + t] = (mk && !mk[t]) ? NEG : dot * a.scale;
+          z[(h * rep + j) * TR + t] = (mk && !mk[t]) ? NEG : dot * a.scale;
         }
       }
     }
     for (int64_t hq = 0; hq < Hq; ++hq) {
-      float* zr = z.data() + hq * TILE;
+      float* zr = z.data() + hq * TR;
       float mx = pm[hq];
       for (int64_t t = 0; t < n; ++t) mx = std::max(mx, zr[t]);
       if (mx == NEG) continue;
@@ -267,7 +267,6 @@ torch::Tensor xquant_decode(torch::Tensor q, torch::Tensor sink, torch::Tensor r
   a.bits = bits; a.tok_scale = tok_scale; a.k_off = k_off; a.kn = BkT.size(0);
   a.v_off = v_off; a.vn = Bv.size(1);
   a.S = a.ns + nb * G + a.nr;
-  TORCH_CHECK(G <= TILE, "group size above the kernel's tile of 32 tokens");
   TORCH_CHECK(BkT.size(1) == H * a.D && Bv.size(0) == H * a.D, "factor shapes");
   TORCH_CHECK(a.Hq % H == 0 && a.D % 2 == 0, "head shapes");
   a.q = q.data_ptr<float>(); a.sink = sink.data_ptr<float>(); a.res = res.data_ptr<float>();
