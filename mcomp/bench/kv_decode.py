@@ -56,10 +56,14 @@ def _child(kv: str, artifact: str, ids: list[int], cfg: DecodeBenchConfig, q) ->
         from mcomp.runtime.kvcache import AttentionState
         from mcomp.bench.runtime import _peak_rss as peak_rss_bytes
         torch.set_num_threads(cfg.threads)
-        gm = load_artifact(artifact).gm
+        art = load_artifact(artifact)
+        gm = art.gm
         if kv != "dense":
             from mcomp.passes.assign_kv import apply_kv_flag
-            apply_kv_flag(gm, kv)
+            from mcomp.runtime.tokenizer import Tokenizer
+            tok = (None if art.tokenizer_dir is None
+                   else Tokenizer.from_dir(art.tokenizer_dir, ir.get_spec(gm)))
+            apply_kv_flag(gm, kv, tok)
         spec = ir.get_spec(gm)
         prompt = torch.tensor(ids[: cfg.ctx - cfg.steps - 1])[None]
         times = []

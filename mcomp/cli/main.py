@@ -248,7 +248,8 @@ def eval_(target, data_file, ctx, max_tokens, base, kv, streaming, quantized_pre
     session = api.load(target)
     if kv:
         from ..passes.assign_kv import apply_kv_flag
-        apply_kv_flag(session.gm, kv)   # `:hv` also rotates V in the (float) weights
+        # `:hv` also rotates V in the (float) weights; palu/think calibrate on the embedded text
+        apply_kv_flag(session.gm, kv, session.tokenizer)
         session.spec = session.gm.meta["mcomp.spec"]
         if not kv_mode:
             err.print("[yellow]note:[/yellow] --kv without --streaming/--quantized-prefill: plain "

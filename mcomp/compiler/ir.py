@@ -86,6 +86,10 @@ def trace(model: CausalLM) -> fx.GraphModule:
     graph = Tracer().trace(model)
     gm = fx.GraphModule(model, graph, class_name="MCompModel")
     _keep_non_persistent(model, gm)
+    for i, block in enumerate(model.layers):
+        # KV state is read by the caches, not by the forward: fx would drop it
+        if hasattr(block, "kv_state"):
+            gm.get_submodule(f"layers.{i}").add_module("kv_state", block.kv_state)
     gm.meta["mcomp.spec"] = model.spec
     annotate(gm)
     return gm
@@ -118,6 +122,25 @@ def build(spec: ModelSpec, state_dict: dict[str, torch.Tensor] | None = None) ->
             raise KeyError(f"state dict mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
     model.eval()
     return trace(model)
+
+
+def set_layer_kv(gm: fx.GraphModule, layer: int, kv, state: dict | None = None) -> None:
+    """Give layer `layer` the KV spec `kv` and, for a kind that owns tensors, those tensors
+    (exactly the kind's declared names and shapes); a previous kind's state is dropped."""
+    from .model import kv_state_module
+    spec = get_spec(gm)
+    new = spec.with_layer(layer, kv=kv)                 # LayerSpec validates kv for the layer
+    mod = kv_state_module(new.layers[layer], spec.hidden_size, state, layer)
+    if mod is not None and state is None:
+        from ..errors import ConfigError
+        raise ConfigError(f"layer {layer}: kv kind '{kv.kind}' owns calibrated tensors; set it "
+                          f"with its own pass (--kv {kv.kind}:...), not assign_kv")
+    block = gm.get_submodule(f"layers.{layer}")
+    if hasattr(block, "kv_state"):
+        delattr(block, "kv_state")
+    if mod is not None:
+        block.add_module("kv_state", mod)
+    set_spec(gm, new)
 
 
 def get_spec(gm: fx.GraphModule) -> ModelSpec:

@@ -175,6 +175,44 @@ def causal_attention(q, k, v, scale: float, window: int | None) -> torch.Tensor:
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
+class KVState(LeafModule):
+    """The calibrated tensors a layer's KV representation owns (runtime/kv: `state_shapes`),
+    as persistent buffers: saved, loaded and checked with the weights. The forward never calls
+    it; the layer's cache reads the buffers through its KVBinding."""
+
+    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], str]]):
+        super().__init__()
+        for name, (shape, dtype) in shapes.items():
+            self.register_buffer(name, torch.zeros(shape, dtype=getattr(torch, dtype)))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self._buffers)
+
+
+def kv_state_module(ls: LayerSpec, hidden: int, tensors: dict[str, torch.Tensor] | None = None,
+                    layer: int | None = None) -> "KVState | None":
+    """A KVState for `ls`'s kind (None when the kind owns no tensors), filled from `tensors`,
+    which must match the kind's declared names, shapes and dtypes exactly."""
+    from ..runtime.kv import state_shapes
+    shapes = state_shapes(ls, hidden)
+    if not shapes:
+        if tensors:
+            raise ConfigError(f"kv kind '{ls.kv.kind}' owns no state tensors, got {sorted(tensors)}")
+        return None
+    mod = _tag(KVState(shapes), "kv_state", layer)
+    if tensors is not None:
+        if set(tensors) != set(shapes):
+            raise ConfigError(f"kv kind '{ls.kv.kind}': state tensors {sorted(tensors)}, the "
+                              f"kind declares {sorted(shapes)}")
+        for name, t in tensors.items():
+            buf = getattr(mod, name)
+            if tuple(t.shape) != tuple(buf.shape) or t.dtype != buf.dtype:
+                raise ConfigError(f"kv kind '{ls.kv.kind}': state '{name}' is {t.dtype} "
+                                  f"{list(t.shape)}, the kind declares {buf.dtype} {list(buf.shape)}")
+            setattr(mod, name, t.detach().clone().contiguous())
+    return mod
+
+
 class Block(nn.Module):
     def __init__(self, i: int, ls: LayerSpec, ms: ModelSpec):
         super().__init__()
@@ -208,6 +246,9 @@ class Block(nn.Module):
         self.down_proj = _tag(nn.Linear(F_, H, bias=ls.down_bias), "down_proj", i)
         self.act = ACTIVATIONS.get(ms.act)
         self.gated = ms.gated_mlp
+        state = kv_state_module(ls, H, layer=i)
+        if state is not None:      # a calibrated KV kind's tensors (e.g. a loaded Palu artifact)
+            self.kv_state = state
 
     def forward(self, x, cos, sin, state):
         ls = self.spec

@@ -102,17 +102,32 @@ class AssignKV(Pass):
                 check_input_is_kv_input(gm, i, kv.kind)
 
         before = model_bytes_per_token(spec)
-        new = spec
         order = tuple(sorted(chosen))
-        for i in order:   # LayerSpec validates kv against the layer
-            new = new.with_layer(i, kv=kind.for_layer(kv, spec, i, order))
-        ir.set_spec(gm, new)
+        for i in order:   # LayerSpec validates kv against the layer; old kind state is dropped
+            ir.set_layer_kv(gm, i, kind.for_layer(kv, spec, i, order))
+        new = ir.get_spec(gm)
         fp16 = sum(2 * l.kv_dim * 2 for l in new.layers)
         after = model_bytes_per_token(new)
         stats = {"layers": list(order), "kv": kv.label(),
                  "kv_bytes_per_token_before": before, "kv_bytes_per_token_after": after,
                  "kv_ratio_vs_fp16": round(after / fp16, 4)}
         return PassResult(gm, stats)
+
+
+class CalibratedKVPass(Pass):
+    """Base of a kind's own calibrating pass (palu, think; `KVChoice.assign`): it computes each
+    layer's KV params and state tensors from calibration activations and sets them with
+    `ir.set_layer_kv`. Verified through the caches like assign_kv."""
+
+    exact = False
+    stage = "kv"
+    sets_kv = True
+    needs_calibration = True
+
+    def require_ctx(self, ctx) -> None:
+        if ctx is None:
+            raise ConfigError(f"{self.name}: needs calibration text (run it through optimize, "
+                              "or apply_kv_flag with the model's tokenizer)")
 
 
 def check_input_is_kv_input(gm, layer: int, kind: str) -> None:
@@ -130,10 +145,13 @@ def check_input_is_kv_input(gm, layer: int, kind: str) -> None:
 
 
 def kv_passes(text: str) -> list[Pass]:
-    """The passes a `--kv` shorthand stands for: its weight rewrites, then assign_kv."""
+    """The passes a `--kv` shorthand stands for: its weight rewrites, then the pass that sets
+    the kind (assign_kv, or the kind's own calibrating pass)."""
+    from . import palu, think  # noqa: F401  the calibrating KV passes register on import
     choice = parse_kv(text)
     rewrites = [PASSES.get(name)() for name in choice.rewrites]
-    return rewrites + [AssignKV(AssignKVConfig(kv=choice.text))]
+    assign = PASSES.get(choice.assign)
+    return rewrites + [assign(assign.Config(kv=choice.text))]
 
 
 def with_kv_passes(recipe, passes: list[Pass]):
@@ -149,12 +167,28 @@ def with_kv_passes(recipe, passes: list[Pass]):
     return recipe
 
 
-def apply_kv_flag(gm, text: str) -> list[dict]:
+def kv_context(passes: list[Pass], text: str, tokenizer=None, calib_text: str | None = None):
+    """The CompileContext the `--kv` passes need: None unless one of them calibrates (palu,
+    think), then one over `calib_text` (default: the embedded calibration text)."""
+    if not any(getattr(p, "needs_calibration", False) for p in passes):
+        return None
+    if tokenizer is None:
+        raise ConfigError(f"--kv '{text}' calibrates on text: it needs the model's tokenizer")
+    from .. import data
+    from ..compiler.context import CompileContext
+    return CompileContext.from_text(lambda t: tokenizer.encode(t, add_bos=False),
+                                    calib_text or data.calibration_text(), bos_id=tokenizer.bos_id)
+
+
+def apply_kv_flag(gm, text: str, tokenizer=None, calib_text: str | None = None) -> list[dict]:
     """Apply a `--kv` shorthand to an existing IR (any target; weight rewrites such as `:hv`
     need float weights) without a pass manager; returns each pass's stats. The one function
-    eval, passkey and the benchmarks use."""
+    eval, passkey and the benchmarks use. A calibrated kind (palu, think) calibrates on
+    `calib_text` (default: the embedded calibration text) tokenized by `tokenizer`."""
+    passes = kv_passes(text)
+    ctx = kv_context(passes, text, tokenizer, calib_text)
     stats = []
-    for p in kv_passes(text):
+    for p in passes:
         p.check(gm)
-        stats.append(p.run(gm, None).stats)
+        stats.append(p.run(gm, ctx).stats)
     return stats

@@ -41,6 +41,13 @@ class KVBinding:
         except AttributeError:
             return False
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The layer's KV-kind tensors (compiler/model.py: KVState); empty if it has none."""
+        try:
+            return self.module("kv_state").tensors()
+        except AttributeError:
+            return {}
+
     def rotary(self, positions: torch.Tensor):
         """positions (B, T) → (cos, sin) (B, 1, T, D) of this layer's RoPE, or None (no RoPE)."""
         if not hasattr(self, "_rope"):     # which table is fixed by the spec: look it up once

@@ -323,10 +323,11 @@ class PreparedScheme:
     label: str
 
 
-def prepare_scheme(gm: fx.GraphModule, scheme: str) -> PreparedScheme:
+def prepare_scheme(gm: fx.GraphModule, scheme: str, tokenizer=None) -> PreparedScheme:
     """The graph and spec a scheme runs with. Spec-only schemes share `gm` (the graph does not
-    read KV specs; the AttentionState does); a weight rewrite (`:hv`) works on a deep copy."""
-    from ..passes.assign_kv import AssignKV, kv_passes
+    read KV specs; the AttentionState does); a weight rewrite (`:hv`) or a calibrated kind
+    (its state tensors live in the graph's modules) works on a deep copy."""
+    from ..passes.assign_kv import AssignKV, kv_context, kv_passes
     from ..passes.rotate_v import RotateV
 
     if scheme == TARGET:
@@ -334,19 +335,21 @@ def prepare_scheme(gm: fx.GraphModule, scheme: str) -> PreparedScheme:
         labels = sorted({l.kv.label() for l in spec.layers})
         return PreparedScheme(scheme, gm, spec, True, None, f"target ({', '.join(labels)})")
     passes = kv_passes(scheme)                                   # ConfigError on bad shorthands
-    rewrites = [p for p in passes if not isinstance(p, AssignKV)]
+    rewrites = [p for p in passes if type(p) is not AssignKV]
     target = copy.deepcopy(gm) if rewrites else gm
+    ctx = kv_context(passes, scheme, tokenizer)
     saved = ir.get_spec(gm)
     try:
         for p in passes:
             p.check(target)
-            p.run(target, None)
+            p.run(target, ctx)
         spec = ir.get_spec(target)
     finally:
         if target is gm:
             ir.set_spec(gm, saved)
     from .kv import KV_KINDS
-    shareable = (all(isinstance(p, RotateV) for p in rewrites)
+    shareable = (all(isinstance(p, RotateV) or type(p) is not AssignKV and p.stage == "kv"
+                     for p in rewrites)
                  and all(KV_KINDS.get(l.kv.kind).loads_kv for l in spec.layers))
     v_rot = None
     if any(isinstance(p, RotateV) for p in rewrites):
@@ -445,7 +448,7 @@ def run_passkey(session: "Session", config: PasskeyConfig = PasskeyConfig(),
     builder = PromptBuilder(lambda s: tok.encode(s, add_bos=False), session.bos_id)
     check_lengths(session.spec, builder, config)
     gm = session.gm
-    schemes = {s: prepare_scheme(gm, s) for s in config.schemes}    # validates every scheme first
+    schemes = {s: prepare_scheme(gm, s, tok) for s in config.schemes}    # validates every scheme first
     share = config.share_prefill and any(s.shareable for s in schemes.values())
     base_spec = dense_spec(ir.get_spec(gm))
     depths = config.trial_depths()

@@ -14,7 +14,12 @@ and owns everything about itself:
 - `cache(layer, batch, binding)`: the runtime container (a `KVCache`), with its pure-torch
   reference attention and, where built, a fast kernel;
 - `verify_steps(params)`: how many decode steps verification must run to see the kind's lossy
-  state (for KIVI: past the fp residual window, two groups deep).
+  state (for KIVI: past the fp residual window, two groups deep);
+- `state_shapes(params, layer)`: the calibrated per-layer tensors the kind owns (Palu's factors,
+  ThinK's kept channels), by name → (shape, dtype). The canonical Block holds them in its
+  `kv_state` module (compiler/model.py: KVState), so they are part of the state dict, the
+  artifact and its checks like any weight, and a cache reads them through `binding.state()`.
+  Such a kind is set by its own calibrating pass (`KVChoice.assign`), never by plain assign_kv.
 
 Nothing else in mcomp names a kind: `KVSpec = {kind, params}` (compiler/spec.py) resolves its
 params class here, the CLI lists kinds from here, `parse_kv` turns any `--kv` text into a spec
@@ -104,6 +109,9 @@ class KVChoice:
     spec: "KVSpec"
     text: str
     rewrites: tuple[str, ...] = ()
+    #: the pass that sets the kind (config: `kv=text`): assign_kv, or a kind's calibrating pass
+    #: that also computes its per-layer params and state tensors (palu, think)
+    assign: str = "assign_kv"
 
 
 class KVKind:
@@ -148,6 +156,12 @@ class KVKind:
 
     def lossless(self, params: KVParams) -> bool:
         return False
+
+    def state_shapes(self, params: KVParams, layer: "LayerSpec",
+                     hidden: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Name → (shape, dtype name) of the per-layer tensors this kind owns (default none);
+        `hidden` is the width of the attention input."""
+        return {}
 
 
 KV_KINDS: Registry[KVKind] = Registry("KV representation")
@@ -194,6 +208,11 @@ def decode_cost(layer: "LayerSpec", context: int) -> KVCost:
     return kind_of(layer.kv).cost(layer.kv.params, layer, context)
 
 
+def state_shapes(layer: "LayerSpec", hidden: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The per-layer tensors `layer`'s KV kind owns (empty for most kinds)."""
+    return kind_of(layer.kv).state_shapes(layer.kv.params, layer, hidden)
+
+
 def model_bytes_per_token(spec) -> float:
     return sum(bytes_per_token(l) for l in spec.layers)
 
@@ -231,3 +250,5 @@ from . import dense  # noqa: E402,F401
 from . import kivi  # noqa: E402,F401
 from . import xquant  # noqa: E402,F401
 from . import xquant_cl  # noqa: E402,F401
+from . import palu  # noqa: E402,F401
+from . import think  # noqa: E402,F401

@@ -35,14 +35,16 @@ class DenseKVCache(KVCache):
         super().__init__(layer, batch, binding)
         self.dtype = DTYPES[layer.kv.params.dtype]
         self.k = self.v = None
+        self.k_dim: int | None = None     # stored key width when it is not V's (think)
 
     def _reserve(self, need: int, like: torch.Tensor) -> None:
+        """Room for `need` tokens; `like` is a V chunk (B, H, T, D)."""
         cap = 0 if self.k is None else self.k.shape[2]
         if need <= cap:
             return
         new_cap = max(need, 2 * cap, 64)
         B, H, _, D = like.shape
-        k = like.new_empty((B, H, new_cap, D), dtype=self.dtype)
+        k = like.new_empty((B, H, new_cap, self.k_dim or D), dtype=self.dtype)
         v = like.new_empty((B, H, new_cap, D), dtype=self.dtype)
         if self.k is not None:
             k[:, :, : self.length] = self.k[:, :, : self.length]

@@ -1,0 +1,204 @@
+"""think: query-driven key-channel pruning (ThinK, arXiv 2407.21018).
+
+ThinK observes that the key cache is low-rank per channel: a few channels carry most of the
+attention logit mass q·kᵀ, so it removes the key channels with the smallest query-weighted
+magnitude and keeps the values in full. Here the channels are chosen once, offline, by the think
+pass (mcomp/passes/think.py) from calibration activations, per layer and KV head; the kept
+channel indices are this kind's state tensor `keep` (n_kv_heads, D_kept) int64, stored in the
+artifact with the weights (`state_shapes`).
+
+The cache stores, per token, the kept channels of the post-RoPE key, k[..., keep] (Hkv, D_kept),
+and the full value (Hkv, D). Attention gathers the same channels of each query (query head h uses
+the `keep` of its KV head, h // (Hq/Hkv)), so q_kept·k_keptᵀ is exactly q·kᵀ restricted to the
+kept channels, and keeps the model's scale 1/√D: the removed channels are treated as zero, not
+the head as narrower (ThinK §3: the pruned product approximates the full one).
+
+RoPE: mcomp's half-split RoPE (compiler/model.py apply_rope) rotates channel j together with
+j + D/2. A pair's contribution q_j k_j + q_{j+D/2} k_{j+D/2} depends on the position only through
+the angle between the two 2-D vectors, its magnitude |q_pair|·|k_pair| does not, so channels are
+kept or dropped a whole pair at a time (the pass scores pairs). A layer without RoPE prunes
+channels independently; partial rotary (rope.dim < head_dim) is not supported.
+
+Shorthand: `think:RATIO` (fraction of each KV head's key channels removed, 0 < RATIO < 1; with
+RoPE, RATIO·D/2 must be a whole number of pairs, without RoPE RATIO·D a whole number of
+channels), `:fp16` / `:bf16` stores the kept keys and the values at that width (default fp32).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ...compiler.spec import LayerSpec
+from ...errors import ConfigError
+from ..kvcache import DTYPES, KVCache
+from . import KVChoice, KVCost, KVKind, KVParams, register_kind
+from .dense import DenseKVCache
+
+_SHORT = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _whole(x: float) -> int | None:
+    """x as an int when it is whole (up to float rounding of the ratio), else None."""
+    r = round(x)
+    return r if abs(x - r) < 1e-6 else None
+
+
+@dataclass(frozen=True)
+class ThinKParams(KVParams):
+    ratio: float = 0.5            # fraction of each KV head's key channels removed
+    dtype: str = "float32"        # storage of the kept keys and of the values
+
+    def __post_init__(self):
+        if (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float))
+                or not 0 < self.ratio < 1):
+            raise ConfigError(f"kv think: ratio must be in (0, 1) (the fraction of key channels "
+                              f"removed), got {self.ratio!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"kv think: dtype '{self.dtype}' not in {', '.join(DTYPES)}")
+
+    def label(self) -> str:
+        return f"think-{self.ratio:g}" + ("" if self.dtype == "float32" else f"-{self.dtype}")
+
+    def removed(self, layer: LayerSpec) -> int:
+        """Key channels removed per KV head in `layer` (raises ConfigError when the ratio does
+        not fit the layer)."""
+        D = layer.head_dim
+        if layer.rope is not None:
+            if layer.rope.dim != D:
+                raise ConfigError(f"kv think: partial rotary (rope dim {layer.rope.dim} < head_dim "
+                                  f"{D}) is not supported")
+            half = D // 2
+            pairs = _whole(self.ratio * half)
+            if pairs is None or not 1 <= pairs < half:
+                raise ConfigError(
+                    f"kv think: ratio {self.ratio:g} removes {self.ratio * half:g} of the {half} "
+                    f"RoPE channel pairs (j, j+{half}) of head_dim {D}: a fractional pair (RoPE "
+                    f"channels are kept in whole pairs); valid ratios step by 2/{D} = {2 / D:g}")
+            return 2 * pairs
+        n = _whole(self.ratio * D)
+        if n is None or not 1 <= n < D:
+            raise ConfigError(f"kv think: ratio {self.ratio:g} removes {self.ratio * D:g} of the "
+                              f"{D} key channels of a layer without RoPE, not a whole number; "
+                              f"valid ratios step by 1/{D} = {1 / D:g}")
+        return n
+
+    def kept(self, layer: LayerSpec) -> int:
+        """D_kept: key channels each KV head keeps."""
+        return layer.head_dim - self.removed(layer)
+
+    def check_layer(self, layer: LayerSpec) -> None:
+        self.removed(layer)
+
+
+class ThinKCache(DenseKVCache):
+    """The kept key channels (post-RoPE) and the full values, in buffers that grow by doubling
+    (as DenseKVCache); `keep` is read from the layer's KV state through the binding."""
+
+    def __init__(self, layer: LayerSpec, batch: int, binding):
+        super().__init__(layer, batch, binding)
+        st = binding.state() if binding is not None else {}
+        if "keep" not in st:
+            raise ConfigError(f"think: layer {getattr(binding, 'layer', '?')} has no kept-channel "
+                              "indices (kv_state); set the kind with the think pass "
+                              "(--kv think:RATIO)")
+        keep = st["keep"].long()
+        D, Hkv = layer.head_dim, layer.n_kv_heads
+        # an all-zero (never filled) or corrupted state would silently attend over channel 0
+        if (keep.dim() != 2 or keep.shape[0] != Hkv or not 1 <= keep.shape[1] <= D
+                or int(keep.min()) < 0 or int(keep.max()) >= D
+                or (keep.shape[1] > 1 and not bool((keep[:, 1:] > keep[:, :-1]).all()))):
+            raise ConfigError(f"think: layer {binding.layer}: 'keep' must be ({Hkv}, ≤{D}) "
+                              f"strictly increasing channel indices in [0, {D})")
+        self.keep = keep                                            # (Hkv, Dk)
+        # query head h reads KV head h // group (SDPA's enable_gqa / repeat_interleave layout)
+        self.q_keep = keep.repeat_interleave(layer.n_heads // Hkv, dim=0)   # (Hq, Dk)
+        self.dtype = DTYPES[layer.kv.params.dtype]
+        self.k = self.v = None
+        self.k_dim = keep.shape[1]
+
+    @staticmethod
+    def _gather(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """x (B, H, T, D) → (B, H, T, Dk): per head h the channels keep[h]."""
+        B, H, T, _ = x.shape
+        idx = keep.to(x.device)[None, :, None, :].expand(B, H, T, keep.shape[1])
+        return torch.gather(x, 3, idx)
+
+    def append(self, k, v):
+        """Store the new tokens (k/v (B, Hkv, T, D) post-RoPE): the kept key channels, all of V."""
+        T = k.shape[2]
+        self._reserve(self.length + T, v)
+        self.k[:, :, self.length : self.length + T] = self._gather(k, self.keep)
+        self.v[:, :, self.length : self.length + T] = v
+        self.length += T
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def load(self, k, v, h=None):
+        self.append(k, v)
+
+    def nbytes(self) -> int:
+        if self.k is None:
+            return 0
+        return (self.k[:, :, : self.length].numel() * self.k.element_size()
+                + self.v[:, :, : self.length].numel() * self.v.element_size())
+
+    def attend(self, q, k, v, scale, mask, h=None, positions=None):
+        k_all, v_all = self.append(k, v)                      # (B, Hkv, S, Dk), (B, Hkv, S, D)
+        q_kept = self._gather(q, self.q_keep)                 # (B, Hq, T, Dk)
+        # SDPA takes a q·k width (Dk) other than V's (D); the scale stays the model's 1/√D
+        return F.scaled_dot_product_attention(
+            q_kept, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=mask, is_causal=mask is None,
+            scale=scale, enable_gqa=q.shape[1] != k_all.shape[1])
+
+
+@register_kind
+class ThinK(KVKind):
+    name = "think"
+    Params = ThinKParams
+    syntax = "think:RATIO[:fp16|:bf16]"
+    needs_binding = True          # the cache reads `keep` from the layer's KV state
+    loads_kv = True               # load() gathers the kept channels of the given K
+
+    def parse(self, arg, options, text):
+        from ...compiler.spec import KVSpec
+        try:
+            ratio = float(options[0]) if not arg and options else None
+        except ValueError:
+            ratio = None
+        if ratio is None:
+            raise ConfigError(f"--kv '{text}': expected think:RATIO (fraction of key channels "
+                              "removed, in (0, 1)), option :fp16 or :bf16")
+        for o in options[1:]:
+            if o not in _SHORT:
+                raise ConfigError(f"--kv '{text}': unknown option '{o}' (use fp16, bf16, fp32)")
+        if len(options) > 2:
+            raise ConfigError(f"--kv '{text}': think takes at most one dtype option")
+        dtype = _SHORT[options[1]] if len(options) > 1 else "float32"
+        return KVChoice(KVSpec("think", ThinKParams(ratio, dtype)), ":".join(["think", *options]),
+                        assign="think")
+
+    def cache(self, layer, batch, binding):
+        return ThinKCache(layer, batch, binding)
+
+    def state_shapes(self, params, layer, hidden):
+        return {"keep": ((layer.n_kv_heads, params.kept(layer)), "int64")}
+
+    def bytes_per_token(self, params, layer):
+        H = layer.n_kv_heads
+        return (H * params.kept(layer) + H * layer.head_dim) * DTYPES[params.dtype].itemsize
+
+    def bytes_held(self, params, layer, n_tokens):
+        return n_tokens * self.bytes_per_token(params, layer)
+
+    def cost(self, params, layer, context):
+        # q·Kᵀ over the kept channels, P·V over all of them: 2 FLOPs per multiply-add
+        Hq = layer.n_heads
+        return KVCost(bytes_read=context * self.bytes_per_token(params, layer),
+                      flops=2 * Hq * context * (params.kept(layer) + layer.head_dim))
+
+    def verify_steps(self, params):
+        return 4
+
+    def lossless(self, params):
+        return False
