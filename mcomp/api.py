@@ -159,6 +159,9 @@ def inspect(target: str | os.PathLike = DEFAULT_MODEL) -> dict:
             "totals": {"weight_bytes": ir.weight_bytes(gm),
                        "linear_weight_bytes": ir.linear_weight_bytes(gm),
                        "embedding_and_head_bytes": other,
+                       # calibrated KV-kind tensors (palu factors, think channels), in the blocks
+                       "kv_state_bytes": sum(ir.module_bytes(m) for n, m in gm.named_modules()
+                                             if n.endswith(".kv_state")),
                        "kv_bytes_per_token": sum(l["kv_bytes_per_token"] for l in layers),
                        "kv_decode_cost": {n: {k: sum(l["kv_decode_cost"][n][k] for l in layers)
                                               for k in ("bytes_read", "flops")}

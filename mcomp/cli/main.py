@@ -342,7 +342,9 @@ def inspect(target, as_json):
     tot = info["totals"]
     out.print(f"total weights {_mb(tot['weight_bytes'])} (decoder linears "
               f"{_mb(tot['linear_weight_bytes'])}, embedding/head/norms "
-              f"{_mb(tot['embedding_and_head_bytes'])}); KV cache {tot['kv_bytes_per_token']} bytes/token "
+              f"{_mb(tot['embedding_and_head_bytes'])}"
+              + (f", KV factors {_mb(tot['kv_state_bytes'])}" if tot.get("kv_state_bytes") else "")
+              + f"); KV cache {tot['kv_bytes_per_token']} bytes/token "
               f"({tot['kv_bytes_per_token'] * 2048 / 1e6:.1f} MB at 2048 tokens)")
     costs = "; ".join(f"at {n} tokens {c['bytes_read'] / 1e6:.1f} MB read, {c['flops'] / 1e9:.2f} GFLOP"
                       for n, c in tot["kv_decode_cost"].items())

@@ -121,8 +121,11 @@ def output_fisher(gm, ctx, n_windows: int) -> list[tuple[float, float]]:
     frozen = [p for p in gm.parameters() if p.requires_grad]
     for p in frozen:          # only the projection outputs need gradients, no weight does
         p.requires_grad_(False)
+    from ..runtime.kernels import reference_mode
     try:
-        with torch.enable_grad():
+        # the reference linear (dequantize + matmul) is differentiable in its input; the fast
+        # int kernels are not
+        with torch.enable_grad(), reference_mode():
             for ids in windows.split(2):
                 leaves.clear()
                 pos = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
