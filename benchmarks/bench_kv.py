@@ -94,7 +94,7 @@ def measure(model: str, label: str, sh: str, args, dense_fp16: int) -> dict:
 
     text = data.evaluation_text()
     s = load(model)
-    apply_kv_flag(s.gm, sh)
+    apply_kv_flag(s.gm, sh, s.tokenizer)
     s.spec = s.gm.meta["mcomp.spec"]
     t0 = time.perf_counter()
     pre = s.streaming_perplexity(text, ctx=args.ctx, max_tokens=args.max_tokens,

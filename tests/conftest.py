@@ -54,6 +54,6 @@ def kv_session(kv: str, model: str = "smollm2-135m"):
     from mcomp.runtime.session import Session
     require_model(model)
     s = Session.from_model(model)
-    apply_kv_flag(s.gm, kv)
+    apply_kv_flag(s.gm, kv, s.tokenizer)     # palu / think calibrate on the embedded text
     s.spec = s.gm.meta["mcomp.spec"]
     return s
