@@ -19,7 +19,8 @@ offline, so they are part of the artifact and the cache layout is static).
   would rank pairs much the same; the norm keeps the paper's Frobenius measure).
 - Without RoPE (layer.rope is None) channels are scored and chosen independently.
 
-Per KV head the top (1 − ratio)·D channels (top pairs) are kept, sorted ascending, as the
+Per KV head round(ratio·D) channels are removed (an even count with RoPE, whole pairs; the
+effective fraction is in the stats) and the top remaining channels (top pairs) are kept, sorted ascending, as the
 layer's state tensor `keep` (n_kv_heads, D_kept) int64. No weight changes: the no-cache forward
 still uses every channel, and the verifier's KV drift measures what the pruned cache costs.
 """
@@ -129,6 +130,9 @@ class ThinK(CalibratedKVPass):
         after = model_bytes_per_token(ir.get_spec(gm))
         stats = {"kv": params.label(), "key_channels_kept": kept,
                  "head_dim": [ls.head_dim for ls in spec.layers], "score_kept": kept_score,
+                 # the ratio rounded to whole channels (pairs): think:0.4 removes 26/64 = 0.406
+                 "removed_fraction": sorted({round(1 - k / ls.head_dim, 4)
+                                             for k, ls in zip(kept, spec.layers)}),
                  "calibration_tokens": n_tok,
                  "kv_bytes_per_token_before": before, "kv_bytes_per_token_after": after}
         log.info("think: kept %s key channels per head; score kept %s", kept, kept_score)

@@ -218,7 +218,7 @@ def test_layer_without_rope_prunes_channels_independently():
     spec = tiny_spec()
     spec = dataclasses.replace(spec, layers=tuple(dataclasses.replace(l, rope=None)
                                                   for l in spec.layers))
-    with pytest.raises(ConfigError, match="fractional pair"):
+    with pytest.raises(ConfigError, match="odd count"):
         think_gm("think:0.0625")                        # RoPE model: half a pair
     gm, st = think_gm("think:0.0625", spec)             # one channel of 16
     assert st["key_channels_kept"] == [15, 15]
@@ -245,12 +245,26 @@ def test_bad_shorthands(text, msg):
 
 
 def test_ratios_that_do_not_fit_the_layer():
-    with pytest.raises(ConfigError, match="fractional pair") as e:
-        think_gm("think:0.3")                           # 2.4 of 8 pairs at D=16
-    assert "\n" not in str(e.value) and "2/16 = 0.125" in str(e.value)
+    with pytest.raises(ConfigError, match="odd count") as e:
+        think_gm("think:0.3")                           # 4.8 → 5 of 16 channels: half a pair
+    assert "\n" not in str(e.value) and "use ratio 0.25 or 0.375" in str(e.value)
     gm = tiny_gm()
-    with pytest.raises(ConfigError, match="fractional pair"):
+    with pytest.raises(ConfigError, match="odd count"):
         ir.set_layer_kv(gm, 0, parse_kv("think:0.3").spec, {"keep": torch.zeros(2, 11).long()})
+    for ratio in ("0.01", "0.99"):                      # rounds to none removed / none kept
+        with pytest.raises(ConfigError, match="at least one"):
+            ThinKParams(float(ratio)).check_layer(tiny_spec().layers[0])
+
+
+def test_ratio_rounds_to_the_nearest_channel():
+    # think:0.4 (the ratio the ThinK paper reports) at D=16: 6.4 → 6 channels, 3 whole pairs
+    layer = tiny_spec().layers[0]
+    assert ThinKParams(0.4).removed(layer) == 6 and ThinKParams(0.4).kept(layer) == 10
+    gm, st = think_gm("think:0.4")
+    assert st["key_channels_kept"] == [10, 10]
+    for keep in keeps(gm):
+        for row in keep.tolist():
+            assert set(row) == {(j + 8) % 16 for j in row}          # whole RoPE pairs
     partial = tiny_spec()
     partial = dataclasses.replace(partial, layers=tuple(
         dataclasses.replace(l, rope=RopeSpec(theta=10000.0, dim=8)) for l in partial.layers))
