@@ -127,6 +127,33 @@ def test_factors_reconstruct_the_whitened_truncation():
         torch.testing.assert_close(got, Wr, atol=1e-4 * Wr.abs().max().item(), rtol=0)
 
 
+def test_latent_scaling_white_or_principal_components():
+    """`:white` gives the latent identity covariance on the calibration tokens (Palu as written);
+    `:pca` (the quantized default) gives channel i the output energy σ_i²/N of the i-th
+    principal component; σ from an independent Cholesky + SVD of the whitened weight."""
+    gm0 = tiny_gm()
+    grams, n = gram_matrices(copy.deepcopy(gm0), small_ctx())
+    G = grams[0]
+    L = torch.linalg.cholesky(G)
+    for text, want in (("palu:0.5:uniform:kivi4:nh:white", "white"),
+                       ("palu:0.5:uniform:kivi4:nh", "pca"), ("palu:0.5:uniform", "white")):
+        gm, st = palu_gm(text)
+        assert st["latent"] == want
+        ls = ir.get_spec(gm).layers[0]
+        wk, _, _, _ = kv_weights(KVBinding(gm, 0), ls)
+        rk = st["ranks_kv"][0][0]
+        A = KVBinding(gm, 0).state()["A"][:, :rk].double()
+        cov = A.T @ G @ A / n                                # second moments per token
+        if want == "white":
+            torch.testing.assert_close(cov, torch.eye(rk, dtype=cov.dtype), atol=2e-3, rtol=0)
+        else:
+            sigma = torch.linalg.svdvals(wk.double() @ L)[:rk]
+            torch.testing.assert_close(cov, torch.diag(sigma ** 2 / n),
+                                       atol=2e-3 * float(sigma[0] ** 2 / n), rtol=0)
+    with pytest.raises(ConfigError, match="unknown option 'grey'"):
+        parse_kv("palu:0.5:kivi2:grey")
+
+
 def test_kernel_equals_reference_on_the_quantized_latent():
     if not xquant_attention.available():
         pytest.skip("no C++ toolchain: the kernel cannot build here")

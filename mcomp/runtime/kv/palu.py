@@ -33,7 +33,18 @@ Shorthand: `palu:RATIO` (fraction of K/V channels removed, 0 < RATIO < 1, over t
 window), `:sN` (fp sinks), `:hgN` (KV heads per group; default all heads of the layer, Palu's J-LRD
 for GQA models with few KV heads), `:nh` (no Hadamard), `:ts` / `:nots` (per-token RMS of the K
 latent on / off; default on for layers with a K norm, as xquant), `:uniform` (the same rank in
-every layer instead of the Fisher allocation).
+every layer instead of the Fisher allocation), `:white` / `:pca` (the latent's channel scaling,
+below).
+
+Latent scaling. Any invertible D of the latent leaves B Aᵀ unchanged (h D, B D⁻ᵀ), so how the
+latent's channels are scaled is free in fp and matters only to the quantizer. Palu's whitened
+latent (unit variance per channel on the calibration tokens) was measured to break at 2 bits
+(SmolLM2, palu:0.1:kivi2:s4: KL 0.61 against kivi2:s4's 0.05 on raw K/V): S⁻ᵀ boosts the rare
+directions of the attention input to unit variance, so a token with energy there (a delimiter,
+an attention-sink-like token) gets an outlier latent that widens its whole block's per-channel
+range. Scaling channel i by its singular value (the principal components of the projection's
+output, "pca") keeps every token's latent as large as its K/V, which is what KIVI already
+quantizes well; it is the default for quantized latents.
 """
 from __future__ import annotations
 
@@ -51,6 +62,11 @@ from .xquant import XQuantCache, kv_weights
 
 PALU_BITS = (0, 2, 4, 8)
 ALLOCATIONS = ("fisher", "uniform")
+#: how the pass scales the latent's channels (B Aᵀ is the same either way): "white" gives every
+#: channel unit variance on the calibration tokens (Palu/SVD-LLM as written), "pca" gives channel
+#: i the output energy σ_i² it carries (the principal components of the projection's output);
+#: "auto" = pca for quantized latents, white for fp (where the two are the same function)
+LATENTS = ("auto", "white", "pca")
 #: ranks are allocated in steps of this many channels per group: keeps the quantized latent's
 #: channel counts packable and its per-token groups whole
 RANK_STEP = 8
@@ -68,6 +84,7 @@ class PaluParams(KVParams):
     sink: int = 0
     hadamard: bool = True         # rotate the latents (folded into the factors) before quantizing
     allocation: str = "fisher"    # fisher | uniform
+    latent: str = "auto"          # auto | white | pca: the pass's latent scaling (LATENTS)
     dtype: str = "float32"        # fp latent / fp window storage
     # divide each token's K latent by its RMS (fp16) before quantizing, as xquant does: "auto" =
     # on for layers with a K norm (gemma3, qwen3), which rescales every key to unit RMS
@@ -86,6 +103,8 @@ class PaluParams(KVParams):
                 raise ConfigError(f"kv palu: {name} must be an integer >= {lo}, got {v!r}")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"kv palu: allocation '{self.allocation}' not in {', '.join(ALLOCATIONS)}")
+        if self.latent not in LATENTS:
+            raise ConfigError(f"kv palu: latent '{self.latent}' not in {', '.join(LATENTS)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"kv palu: dtype '{self.dtype}' not in {', '.join(DTYPES)}")
         if self.token_scale not in ("auto", "on", "off"):
@@ -127,7 +146,12 @@ class PaluParams(KVParams):
                 + (f"-k{self.k_rank}v{self.v_rank}" if self.k_rank or self.v_rank else "")
                 + q + (f"-s{self.sink}" if self.sink else "")
                 + ("" if self.hadamard or not self.bits else "-nh")
-                + ("-uniform" if self.allocation == "uniform" else ""))
+                + ("-uniform" if self.allocation == "uniform" else "")
+                + ("" if self.latent == "auto" else f"-{self.latent}"))
+
+    def latent_scaling(self) -> str:
+        """"white" or "pca" (what "auto" means for this configuration)."""
+        return self.latent if self.latent != "auto" else ("pca" if self.bits else "white")
 
     def check_layer(self, layer: LayerSpec) -> None:
         hpg = self.heads_per_group or layer.n_kv_heads
@@ -177,7 +201,7 @@ class PaluCache(XQuantCache):
 class Palu(KVKind):
     name = "palu"
     Params = PaluParams
-    syntax = "palu:RATIO[:kivi2|:kivi4|:kivi8:gN:rN:sN:hgN:nh:ts|nots:uniform]"
+    syntax = "palu:RATIO[:kivi2|:kivi4|:kivi8:gN:rN:sN:hgN:nh:ts|nots:uniform:white|pca]"
     needs_binding = True
     loads_kv = False
     reads_input = True
@@ -204,11 +228,13 @@ class Palu(KVKind):
                 opts["token_scale"] = "on" if o == "ts" else "off"
             elif o == "uniform":
                 opts["allocation"] = "uniform"
+            elif o in ("white", "pca"):
+                opts["latent"] = o
             elif o[:1] in ("g", "r", "s") and o[1:].isdigit():
                 opts[{"g": "group_size", "r": "residual", "s": "sink"}[o[0]]] = int(o[1:])
             else:
                 raise ConfigError(f"--kv '{text}': unknown option '{o}' (use kivi2, kivi4, kivi8, "
-                                  "gN, rN, sN, hgN, nh, ts, nots, uniform)")
+                                  "gN, rN, sN, hgN, nh, ts, nots, uniform, white, pca)")
         if "bits" not in opts and any(k in opts for k in ("group_size", "residual")):
             raise ConfigError(f"--kv '{text}': :gN and :rN configure the quantized latent; add "
                               ":kivi2, :kivi4 or :kivi8")
