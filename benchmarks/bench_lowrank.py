@@ -42,7 +42,9 @@ SCHEMES = [
     ("xquant:2:s4:g64", "xquant"),
     ("palu:0.25", "palu"), ("palu:0.5", "palu"), ("palu:0.5:uniform", "palu"),
     ("palu:0.25:kivi4:s4", "palu+kivi"), ("palu:0.4:kivi4:s4", "palu+kivi"),
-    ("palu:0.1:kivi2:s4", "palu+kivi"),
+    ("palu:0.1:kivi2:s4", "palu+kivi"), ("palu:0.1:kivi2:s4:white", "palu+kivi"),
+    ("palu:0.25:kivi2:s4", "palu+kivi"), ("palu:0.1:kivi2", "palu+kivi"),
+    ("palu:0.05:kivi2:s4", "palu+kivi"),
     ("think:0.25", "think"), ("think:0.5", "think"),
 ]
 DOMAINS = ("persuasion", "code")
