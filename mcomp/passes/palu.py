@@ -9,9 +9,9 @@ Palu (arXiv 2407.21118) per layer and group g of KV heads, for W = W_k and W = W
        W_r = B Aᵀ,   B = U_r Σ_r  (group_dim × r),   A = S⁻ᵀ V_r  (hidden × r)
 
    and the truncation costs exactly Σ_{i>r} σ_i² of output energy. With `latent="white"` the
-   latent h = X A has identity covariance on the calibration tokens (Aᵀ XᵀX A = V_rᵀ V_r = I), every channel the
-   same scale. A is scaled by √N (N calibration tokens) so latents are O(1) per token, B by
-   1/√N. With `latent="pca"` (the default for quantized latents) A = S⁻ᵀ V_r Σ_r, B = U_r:
+   latent h = X A has identity covariance on the calibration tokens (Aᵀ XᵀX A = V_rᵀ V_r = I),
+   every channel the same scale. A is scaled by √N (N calibration tokens) so latents are O(1)
+   per token, B by 1/√N. With `latent="pca"` (the default for quantized latents) A = S⁻ᵀ V_r Σ_r, B = U_r:
    channel i of the latent is the i-th principal component of the projection output, as large
    as K/V themselves; why, in runtime/kv/palu.py ("Latent scaling").
 2. Rank allocation (Palu §3.5 uses Fisher information per projection): the loss change of
@@ -248,16 +248,16 @@ class Palu(CalibratedKVPass):
 
         ranks, kept = [], 0
         root_n = math.sqrt(max(n_tok, 1))
+        scaling = tmpl.latent_scaling()
         for i, ls in enumerate(spec.layers):
             rk, rv = steps[(i, "k")] * RANK_STEP, steps[(i, "v")] * RANK_STEP
             state = {}
             for side, r, name in (("k", rk, "Bk"), ("v", rv, "Bv")):
                 As, Bs = [], []
                 for uu, s, a in svds[(i, side)]:
-                    if tmpl.latent_scaling() == "pca":   # channel i carries σ_i²/N per token
-                        A, B = a[:, :r] * s[:r], uu[:, :r]
-                    else:                                  # unit variance per channel
-                        A, B = a[:, :r] * root_n, uu[:, :r] * s[:r] / root_n
+                    # latent channel scale c: pca carries σ_i²/N per token, white unit variance
+                    c = s[:r] if scaling == "pca" else root_n
+                    A, B = a[:, :r] * c, uu[:, :r] * (s[:r] / c)
                     if tmpl.bits and tmpl.hadamard:
                         R = hadamard(r, torch.float64)
                         A, B = A @ R, B @ R
@@ -274,7 +274,7 @@ class Palu(CalibratedKVPass):
         total = sum(2 * ls.kv_dim for ls in spec.layers)
         stats = {"kv": tmpl.label(), "ranks_kv": ranks, "channels_kept": kept,
                  "channels_total": total, "kept_fraction": round(kept / total, 4),
-                 "allocation": tmpl.allocation, "latent": tmpl.latent_scaling(),
+                 "allocation": tmpl.allocation, "latent": scaling,
                  "calibration_tokens": n_tok,
                  "kv_bytes_per_token_before": before, "kv_bytes_per_token_after": after}
         log.info("palu: kept %d of %d K/V channels; ranks %s", kept, total, ranks)

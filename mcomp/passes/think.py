@@ -20,9 +20,9 @@ offline, so they are part of the artifact and the cache layout is static).
 - Without RoPE (layer.rope is None) channels are scored and chosen independently.
 
 Per KV head round(ratio·D) channels are removed (an even count with RoPE, whole pairs; the
-effective fraction is in the stats) and the top remaining channels (top pairs) are kept, sorted ascending, as the
-layer's state tensor `keep` (n_kv_heads, D_kept) int64. No weight changes: the no-cache forward
-still uses every channel, and the verifier's KV drift measures what the pruned cache costs.
+effective fraction is in the stats) and the top channels (top pairs) are kept, sorted ascending,
+as the layer's state tensor `keep` (n_kv_heads, D_kept) int64. No weight changes: the no-cache
+forward still uses every channel, and the verifier's KV drift measures what the pruned cache costs.
 """
 from __future__ import annotations
 

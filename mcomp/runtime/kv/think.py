@@ -19,8 +19,9 @@ the angle between the two 2-D vectors, its magnitude |q_pair|·|k_pair| does not
 kept or dropped a whole pair at a time (the pass scores pairs). A layer without RoPE prunes
 channels independently; partial rotary (rope.dim < head_dim) is not supported.
 
-Shorthand: `think:RATIO` (fraction of each KV head's key channels removed, 0 < RATIO < 1, rounded to
-the nearest channel; with RoPE the count must be even, whole pairs), `:fp16` / `:bf16` stores the kept keys and the values at that width (default fp32).
+Shorthand: `think:RATIO` (fraction of each KV head's key channels removed, 0 < RATIO < 1, rounded
+to the nearest channel; with RoPE the count must be even, whole pairs), `:fp16` / `:bf16` stores
+the kept keys and the values at that width (default fp32).
 """
 from __future__ import annotations
 
