@@ -49,16 +49,14 @@ quantizes well; it is the default for quantized latents.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 
 from ...compiler.spec import LayerSpec
 from ...errors import ConfigError
 from ..kvcache import DTYPES, KVCache
-from . import KVChoice, KVCost, KVKind, KVParams, exact_number, register_kind, window_split
-from .kivi import SCALE_DTYPE
-from .xquant import XQuantCache, kv_weights
+from . import KVChoice, KVCost, KVKind, KVParams, exact_number, register_kind
+from .xquant import XQuantCache, kv_weights, latent_bytes_held, latent_store_bytes
 
 PALU_BITS = (0, 2, 4, 8)
 ALLOCATIONS = ("fisher", "uniform")
@@ -251,24 +249,16 @@ class Palu(KVKind):
         return {"A": ((hidden, n * (rk + rv)), "float32"), "Bk": ((n, gd, rk), "float32"),
                 "Bv": ((n, gd, rv), "float32")}
 
-    @staticmethod
-    def _store_per_token(p: PaluParams, layer: LayerSpec) -> Fraction:
-        rk, rv = p.latent_split(layer)
-        if not p.bits:
-            return Fraction((rk + rv) * DTYPES[p.dtype].itemsize)
-        return (Fraction((rk + rv) * p.bits, 8) + Fraction(2 * SCALE_DTYPE.itemsize * rk, p.group_size)
-                + 2 * SCALE_DTYPE.itemsize * (rv // p.v_group(layer))
-                + (SCALE_DTYPE.itemsize if p.token_scaled(layer) else 0))
-
     def bytes_per_token(self, params, layer):
-        return exact_number(self._store_per_token(params, layer))
+        rk, rv = params.latent_split(layer)
+        if not params.bits:
+            return (rk + rv) * DTYPES[params.dtype].itemsize
+        return exact_number(latent_store_bytes(params.bits, rk, rv, params.group_size,
+                                               params.v_group(layer), params.token_scaled(layer)))
 
     def bytes_held(self, params, layer, n_tokens):
-        if not params.bits:
-            return int(n_tokens * self._store_per_token(params, layer))
-        ns, nq, nr = window_split(n_tokens, params.sink, params.residual, params.group_size)
-        fp = sum(params.latent_split(layer)) * DTYPES[params.dtype].itemsize
-        return int((ns + nr) * fp + nq * self._store_per_token(params, layer))
+        return latent_bytes_held(params, *params.latent_split(layer), params.v_group(layer),
+                                 params.token_scaled(layer), n_tokens)
 
     def cost(self, params, layer, context):
         Hq, D = layer.n_heads, layer.head_dim

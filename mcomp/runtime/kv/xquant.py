@@ -172,6 +172,30 @@ def latent_factors(binding, layer: LayerSpec, params: "XQuantParams"):
             (wv.double() @ Av).float(), bk, bv)
 
 
+def latent_store_bytes(bits: int, rk: int, rv: int, group: int, v_group: int,
+                       token_scaled: bool) -> Fraction:
+    """Amortized bytes of one token in a quantized latent store (XQuantCache._init_store): rk + rv
+    codes at `bits`, an fp16 scale and min per per-channel column shared by the G tokens of a
+    block, per (token, group of v_group) of the rv per-token columns, and the token's fp16 RMS
+    when token_scaled. Shared by every kind that stores a latent (xquant, palu, eigen, think)."""
+    sb = SCALE_DTYPE.itemsize
+    return (Fraction((rk + rv) * bits, 8) + Fraction(2 * sb * rk, group)
+            + (2 * sb * (rv // v_group) if rv else 0) + (sb if token_scaled else 0))
+
+
+def latent_bytes_held(p, rk: int, rv: int, v_group: int, token_scaled: bool,
+                      n_tokens: int) -> int:
+    """Exact bytes a latent store holds after n tokens: p.bits == 0 keeps every token in the fp
+    window (p.dtype); otherwise the sink and residual tokens are fp and the rest quantized
+    (KIVI's schedule, window_split)."""
+    fp = (rk + rv) * DTYPES[p.dtype].itemsize
+    if not p.bits:
+        return n_tokens * fp
+    ns, nq, nr = window_split(n_tokens, p.sink, p.residual, p.group_size)
+    return int((ns + nr) * fp + nq * latent_store_bytes(p.bits, rk, rv, p.group_size, v_group,
+                                                        token_scaled))
+
+
 class XQuantCache(KVCache):
     """Latent store for one layer: [sink (fp) | quantized blocks | residual (fp)] in append order."""
 
@@ -316,6 +340,19 @@ class XQuantCache(KVCache):
         """The latent of the attention input h (B, T, hidden) → (B, T, r)."""
         return h.float() @ self.A
 
+    def encode(self, k, v, h, positions) -> torch.Tensor:
+        """The latent (B, T, r) the cache stores for new tokens: here X·A of the attention input
+        (a kind that projects K/V themselves, eigen, overrides this)."""
+        if h is None or positions is None:
+            raise ConfigError(f"{self.layer.kv.kind}: the layer did not hand its cache the "
+                              "attention input")
+        return self.project(h)
+
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        """The queries in the basis `keys` returns (identity here: K is rematerialized at
+        head_dim; eigen attends in its low-rank basis and projects q into it)."""
+        return q.float()
+
     def load(self, k, v, h=None):
         raise ConfigError("an xquant cache stores the attention input, not K/V: it cannot be "
                           "filled from another cache's K/V")
@@ -325,11 +362,11 @@ class XQuantCache(KVCache):
         step sees the stored state; a multi-token chunk sees its own tokens in full precision
         ("prefill attends in fp, then stores quantized", as KIVI), unless
         quantize_before_attend: then each query sees what streaming would have shown it."""
-        if h is None or positions is None:
-            raise ConfigError("xquant: the layer did not hand its cache the attention input")
         B, Hq, T, D = q.shape
         L = self.n_held
-        lat_new = self.project(h)                                             # (B, T, r)
+        lat_new = self.encode(k, v, h, positions)                             # (B, T, r)
+        if positions is None:
+            positions = torch.arange(self.length, self.length + T).expand(B, T)
         self.append_latent(lat_new, positions)
         S = self.n_held
         if mask is None:  # empty cache, plain causal over the chunk
@@ -350,8 +387,8 @@ class XQuantCache(KVCache):
             # never materialize V
             K = self.keys(lat_b)                                              # (B, H, S, D)
             V = (lat_b[..., self.v_cols] @ self.Bv.T + self.bv).unflatten(-1, (self.H, D)).transpose(1, 2)
-            return F.scaled_dot_product_attention(q.float(), K, V, attn_mask=mask, scale=scale,
-                                                  enable_gqa=Hq != self.H).to(q.dtype)
+            return F.scaled_dot_product_attention(self.queries(q), K, V, attn_mask=mask,
+                                                  scale=scale, enable_gqa=Hq != self.H).to(q.dtype)
         from .kivi import quantized_at
         sel = quantized_at(torch.arange(S), torch.arange(L, L + T), self.G, self.R, self.n_sink)
         return self._attend(q, scale, mask, lat_a, lat_b, sel)
@@ -367,7 +404,7 @@ class XQuantCache(KVCache):
         sel None) else from lat_b. K rematerialized, V folded (module docstring)."""
         B, Hq, T, D = q.shape
         rep = Hq // self.H
-        qg = q.float().view(B, self.H, rep, T, D)
+        qg = self.queries(q).view(B, self.H, rep, T, -1)
         logits = torch.einsum("bhrtd,bhsd->bhrts", qg, self.keys(lat_a)) * scale   # (B,H,r',T,S)
         if sel is not None:
             lb = torch.einsum("bhrtd,bhsd->bhrts", qg, self.keys(lat_b)) * scale
@@ -418,24 +455,17 @@ class XQuant(KVKind):
     def cache(self, layer, batch, binding):
         return XQuantCache(layer, batch, binding)
 
-    @staticmethod
-    def _store_per_token(p: XQuantParams, layer: LayerSpec) -> Fraction:
-        r = p.rank_for(layer)
-        rk, rv = p.split_ranks(layer)
-        return (Fraction(r * p.bits, 8) + Fraction(2 * SCALE_DTYPE.itemsize * rk, p.group_size)
-                + 2 * SCALE_DTYPE.itemsize * (rv // p.v_group(layer))
-                + (SCALE_DTYPE.itemsize if p.token_scaled(layer) else 0))
-
     def bytes_per_token(self, params, layer):
-        return exact_number(self._store_per_token(params, layer))
+        return exact_number(latent_store_bytes(params.bits, *params.split_ranks(layer),
+                                               params.group_size, params.v_group(layer),
+                                               params.token_scaled(layer)))
 
     def held_split(self, p: XQuantParams, n: int) -> tuple[int, int, int]:
         return window_split(n, p.sink, p.residual, p.group_size)
 
     def bytes_held(self, params, layer, n_tokens):
-        ns, nq, nr = self.held_split(params, n_tokens)
-        fp = params.rank_for(layer) * DTYPES[params.dtype].itemsize
-        return int((ns + nr) * fp + nq * self._store_per_token(params, layer))
+        return latent_bytes_held(params, *params.split_ranks(layer), params.v_group(layer),
+                                 params.token_scaled(layer), n_tokens)
 
     def cost(self, params, layer, context):
         kv, Hq, D = layer.kv_dim, layer.n_heads, layer.head_dim
