@@ -19,9 +19,17 @@ the angle between the two 2-D vectors, its magnitude |q_pair|·|k_pair| does not
 kept or dropped a whole pair at a time (the pass scores pairs). A layer without RoPE prunes
 channels independently; partial rotary (rope.dim < head_dim) is not supported.
 
+Quantized (`:kivi2` / `:kivi4` / `:kivi8`, ThinK §4 "ThinK + KIVI"): the kept key channels and
+the values are stored with KIVI's quantizer, keys per channel over blocks of G tokens, values per
+token in groups, an fp residual window and sinks, through eigen's ProjectedKVCache
+(runtime/kv/eigen.py) with U_k the one-hot columns of `keep` and U_v = I: projecting onto one-hot
+columns is the gather above, so the quantized cache attends over exactly what the fp one holds,
+quantized as KIVI quantizes raw K/V (a keep-all ThinK + KIVI equals a KIVI cache, tested).
+
 Shorthand: `think:RATIO` (fraction of each KV head's key channels removed, 0 < RATIO < 1, rounded
 to the nearest channel; with RoPE the count must be even, whole pairs), `:fp16` / `:bf16` stores
-the kept keys and the values at that width (default fp32).
+the kept keys and the values at that width (default fp32), `:kivi2|:kivi4|:kivi8` with `:gN`
+(group), `:rN` (fp residual window), `:sN` (fp sinks) quantizes them.
 """
 from __future__ import annotations
 
@@ -32,28 +40,33 @@ import torch.nn.functional as F
 
 from ...compiler.spec import LayerSpec
 from ...errors import ConfigError
-from ..kvcache import DTYPES, KVCache
-from . import KVChoice, KVCost, KVKind, KVParams, register_kind
+from ..kvcache import DTYPES
+from . import KVChoice, KVKind, KVParams, register_kind
 from .dense import DenseKVCache
-
-_SHORT = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from .eigen import (ProjectedKVCache, check_store, check_store_options, projected_bytes_held,
+                    projected_bytes_per_token, projected_cost, store_label, store_options)
 
 
 @dataclass(frozen=True)
 class ThinKParams(KVParams):
+    VERSION = 2                   # 2: the quantized store (bits, group_size, residual, sink)
+
     ratio: float = 0.5            # fraction of each KV head's key channels removed
-    dtype: str = "float32"        # storage of the kept keys and of the values
+    dtype: str = "float32"        # storage of the kept keys and of the values (fp windows if bits)
+    bits: int = 0                 # 0 = fp; 2/4/8 = KIVI-quantized kept keys and values
+    group_size: int = 32
+    residual: int = 128
+    sink: int = 0
 
     def __post_init__(self):
         if (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float))
                 or not 0 < self.ratio < 1):
             raise ConfigError(f"kv think: ratio must be in (0, 1) (the fraction of key channels "
                               f"removed), got {self.ratio!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"kv think: dtype '{self.dtype}' not in {', '.join(DTYPES)}")
+        check_store(self, "think")
 
     def label(self) -> str:
-        return f"think-{self.ratio:g}" + ("" if self.dtype == "float32" else f"-{self.dtype}")
+        return f"think-{self.ratio:g}" + store_label(self)
 
     def removed(self, layer: LayerSpec) -> int:
         """Key channels removed per KV head in `layer`: RATIO·D rounded to the nearest channel
@@ -162,37 +175,42 @@ class ThinK(KVKind):
             ratio = None
         if ratio is None:
             raise ConfigError(f"--kv '{text}': expected think:RATIO (fraction of key channels "
-                              "removed, in (0, 1)), option :fp16 or :bf16")
+                              "removed, in (0, 1)), options :fp16 :bf16 :kivi2/:kivi4/:kivi8 :gN "
+                              ":rN :sN")
+        opts: dict = {"ratio": ratio}
         for o in options[1:]:
-            if o not in _SHORT:
-                raise ConfigError(f"--kv '{text}': unknown option '{o}' (use fp16, bf16, fp32)")
-        if len(options) > 2:
-            raise ConfigError(f"--kv '{text}': think takes at most one dtype option")
-        dtype = _SHORT[options[1]] if len(options) > 1 else "float32"
-        return KVChoice(KVSpec("think", ThinKParams(ratio, dtype)), ":".join(["think", *options]),
+            if not store_options(o, opts):
+                raise ConfigError(f"--kv '{text}': unknown option '{o}' (use fp16, bf16, kivi2, "
+                                  "kivi4, kivi8, gN, rN, sN)")
+        check_store_options(opts, text)
+        return KVChoice(KVSpec("think", ThinKParams(**opts)), ":".join(["think", *options]),
                         assign="think")
 
     def cache(self, layer, batch, binding):
-        return ThinKCache(layer, batch, binding)
+        if not layer.kv.params.bits:
+            return ThinKCache(layer, batch, binding)
+        cache = ThinKCache(layer, batch, binding)   # validates `keep`
+        D = layer.head_dim
+        onehot = torch.eye(D)[:, cache.keep].permute(1, 0, 2).contiguous()   # (Hkv, D, Dk)
+        return ProjectedKVCache(layer, batch, binding, onehot,
+                                torch.eye(D).expand(layer.n_kv_heads, D, D))
 
     def state_shapes(self, params, layer, hidden):
         return {"keep": ((layer.n_kv_heads, params.kept(layer)), "int64")}
 
     def bytes_per_token(self, params, layer):
-        H = layer.n_kv_heads
-        return (H * params.kept(layer) + H * layer.head_dim) * DTYPES[params.dtype].itemsize
+        return projected_bytes_per_token(params, layer, params.kept(layer), layer.head_dim)
 
     def bytes_held(self, params, layer, n_tokens):
-        return n_tokens * self.bytes_per_token(params, layer)
+        return projected_bytes_held(params, layer, params.kept(layer), layer.head_dim, n_tokens)
 
     def cost(self, params, layer, context):
-        # q·Kᵀ over the kept channels, P·V over all of them: 2 FLOPs per multiply-add
-        Hq = layer.n_heads
-        return KVCost(bytes_read=context * self.bytes_per_token(params, layer),
-                      flops=2 * Hq * context * (params.kept(layer) + layer.head_dim))
+        # q·Kᵀ over the kept channels (q gathered, no basis GEMM), P·V over all of them
+        return projected_cost(params, layer, params.kept(layer), layer.head_dim, context,
+                              bases=False)
 
     def verify_steps(self, params):
-        return 4
+        return (params.residual + 2 * params.group_size) if params.bits else 4
 
     def lossless(self, params):
         return False
