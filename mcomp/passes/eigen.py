@@ -3,33 +3,38 @@
 Eigen Attention (arXiv 2408.05646, §3) stacks a head's calibration activations into a
 representation matrix R (tokens × D), takes its SVD R = U Σ Vᵀ and keeps the r leading right
 singular vectors as the head's basis, r chosen by an energy threshold on Σ; attention then runs
-on the projections. Here, per layer, KV head and for K and V separately:
+on the projections. Here, per layer, KV head and for K and V separately, with x the post-RoPE
+keys (the values) the attention node receives over the calibration windows, c = Σ_t xᵀx their
+second moment (float64, D × D, so no activation matrix is held) and g a D × D metric:
 
-1. R is every post-RoPE key (every value) the attention node receives over the calibration
-   windows. Its right singular vectors are the eigenvectors of the (uncentred) second-moment
-   matrix C = RᵀR (D × D, accumulated in float64, so no activation matrix is ever held), with
-   eigenvalues σ_i²: the basis is U_r = the top-r eigenvectors of C.
-2. The projection's relative reconstruction error on the calibration activations is exactly
+1. The rank-r map x ↦ x E Dᵀ (E, D: D × r) that minimizes the error in the metric,
+   Σ_t ‖(x − x E Dᵀ) g^{1/2}‖², is (Eckart–Young after whitening by c^{1/2}; `fitted_bases`)
 
-       ‖R − R U_r U_rᵀ‖_F / ‖R‖_F = sqrt(Σ_{i>r} σ_i² / Σ_i σ_i²),
+       c^{1/2} g c^{1/2} = U S² Uᵀ,   E = c^{-1/2} U_r S_r,   D = c^{1/2} U_r S_r⁻¹,
 
-   and with `eigen:ERR` each layer gets the smallest K rank (V rank) for which this is ≤ ERR in
-   every KV head of the layer (one rank per layer keeps the store rectangular). This is the
-   paper's threshold rule with the threshold stated as the error it bounds; the paper's extra
-   loop, lowering the threshold layer by layer until the layer output error reaches a budget,
-   is not run (it needs the decomposed layer's output for every candidate; ERR plays its role).
-   `eigen:RANK` fixes the rank instead. With quantized coordinates the ERR-chosen ranks are
-   rounded up to a multiple of runtime.kv.eigen.RANK_STEP (whole per-token value groups).
-3. Basis choices that differ from the paper's code, and why: the key basis is per KV head (the
-   reference code shares one key basis across a Llama layer's heads; per head is the optimal
-   projection of each head at the same bytes) and is computed on post-RoPE keys, because this
-   cache projects after RoPE (runtime/kv/eigen.py). Keys only, not the union of queries and
-   keys the paper uses for OPT: the projection error of the logits q·(I − UUᵀ)·kᵀ is bounded by
-   the keys' residual, and for GQA the query heads of a group would otherwise outweigh it.
+   with relative error sqrt(Σ_{i>r} S_i² / Σ_i S_i²). `basis="pca"` takes g = I: then E = D = the
+   top-r eigenvectors of c, Eigen Attention's orthonormal PCA basis. `basis="aware"` (default)
+   takes for keys g = the second moment of the queries that read this KV head (summed over its
+   GQA group), so the error measured is that of the logits q·kᵀ (for q independent of k), and for
+   values g = Σ_h W_o,h W_o,hᵀ over the group's query heads, o_proj's rows for head h, so it is the
+   error the attention output adds to the residual stream. The S scaling gives every coordinate
+   unit gain to the output, so a per-token quantizer (values) treats them alike; per-channel key
+   quantization is invariant to it.
+2. With `eigen:ERR` each layer gets the smallest K rank (V rank) whose relative error is ≤ ERR
+   in every KV head (one rank per layer keeps the store rectangular): the paper's threshold rule
+   with the threshold stated as the error it bounds. The paper's further loop, lowering the
+   threshold layer by layer until the layer output error reaches a budget, is not run (it needs
+   the decomposed layer's output for every candidate; ERR plays its role). `eigen:RANK` fixes the
+   rank. With quantized coordinates the ERR-chosen ranks are rounded up to a multiple of
+   runtime.kv.eigen.RANK_STEP (whole per-token value groups).
+3. Differences from the paper's code, and why: bases per KV head (the reference code shares one
+   key basis across a Llama layer's heads; per head is each head's optimum at the same bytes),
+   fitted on post-RoPE keys because this cache projects after RoPE (runtime/kv/eigen.py), and
+   the "aware" metric (the reference fits keys alone, or OPT's union of queries and keys).
 
-The bases become the layers' KV state tensors `Uk` (n_kv_heads, D, r_k) and `Uv` (n_kv_heads, D,
-r_v); no weight changes, so the no-cache forward is unchanged and the verifier's KV drift
-measures what the low-rank cache costs.
+The maps become the layers' KV state tensors `Uk` = E_k, `Uq` = D_k (n_kv_heads, D, r_k) and `Uv` =
+E_v, `Uo` = D_v (n_kv_heads, D, r_v); no weight changes, so the no-cache forward is unchanged and
+the verifier's KV drift measures what the low-rank cache costs.
 """
 from __future__ import annotations
 
@@ -47,6 +52,8 @@ from ..compiler.spec import KVSpec
 from ..errors import ConfigError
 from ..runtime.kv import model_bytes_per_token, parse_kv
 from ..runtime.kv.eigen import RANK_STEP, EigenParams
+from ..runtime.kv.xquant import weight_of
+from ..runtime.kvcache import KVBinding
 from .assign_kv import CalibratedKVPass
 
 log = logging.getLogger("mcomp.passes")
@@ -66,49 +73,82 @@ class EigenConfig(PassConfig):
         return parse_kv(self.kv).spec.params
 
 
-def kv_moments(gm, ctx) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
-    """(per layer (Σ_t k_tᵀk_t, Σ_t v_tᵀv_t) per KV head, each (Hkv, D, D) float64, over the
-    post-RoPE keys and the values the attention node receives; the number of tokens t)."""
+def attention_moments(gm, ctx) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """(per layer {"k", "v": Σ_t x_tᵀx_t per KV head, "q": the same summed over each KV head's
+    query heads}, each (Hkv, D, D) float64, over the post-RoPE queries and keys and the values
+    the attention node receives; the number of tokens t)."""
     spec = ir.get_spec(gm)
     runner = LayerwiseRunner(gm, ctx.calibration_batches())
     out = []
     for i, ls in enumerate(spec.layers):
         attn = next(n for n in ir.nodes_by_role(gm, "attn") if n.meta["mcomp"].layer == i)
         H, D = ls.n_kv_heads, ls.head_dim
-        acc = {"k": torch.zeros(H, D, D, dtype=torch.float64),
-               "v": torch.zeros(H, D, D, dtype=torch.float64), "n": 0}
+        acc = {n: torch.zeros(H, D, D, dtype=torch.float64) for n in "qkv"}
+        acc["n"] = 0
 
-        def collect(node, args, _out, attn=attn, acc=acc):
+        def collect(node, args, _out, attn=attn, acc=acc, H=H):
             if node is attn:        # args = (q (B, Hq, T, D), k (B, Hkv, T, D), v, h)
-                for name, x in (("k", args[1]), ("v", args[2])):
-                    x = x.double().transpose(0, 1).flatten(1, 2)          # (Hkv, B·T, D)
+                for name, x in zip("qkv", args[:3]):
+                    B, Hx, T, D = x.shape          # query head h belongs to KV head h // group
+                    x = x.double().view(B, H, Hx // H, T, D).transpose(0, 1).reshape(H, -1, D)
                     acc[name] += x.transpose(1, 2) @ x
                 acc["n"] += args[1].shape[0] * args[1].shape[2]
         runner.advance(i, collect)
-        out.append((acc["k"], acc["v"]))
+        out.append({n: acc[n] for n in "qkv"})
     return out, acc["n"]
 
 
-def principal_bases(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eigenvalues (H, D) descending, eigenvectors (H, D, D), columns in that order) of each
-    head's second-moment matrix."""
-    evals, evecs = torch.linalg.eigh(moment)                     # ascending
-    return evals.flip(-1).clamp(min=0), evecs.flip(-1)
+def output_metric(gm, layer: int, ls) -> torch.Tensor:
+    """(Hkv, D, D) float64: Σ over each KV head's query heads h of W_o,h W_o,hᵀ, W_o,h (D × hidden)
+    the rows of o_proj that read head h's attention output: the metric in which a value error
+    reaches the residual stream."""
+    w, _ = weight_of(KVBinding(gm, layer).module("o_proj"))        # (hidden, Hq·D)
+    D, H = ls.head_dim, ls.n_kv_heads
+    wo = w.double().T.reshape(ls.n_heads, D, -1)                  # (Hq, D, hidden)
+    return (wo @ wo.transpose(1, 2)).view(H, ls.n_heads // H, D, D).sum(1)
 
 
-def relative_errors(evals: torch.Tensor) -> torch.Tensor:
-    """(H, D + 1): entry [h, r] is head h's relative Frobenius error of its rank-r projection,
-    sqrt(Σ_{i≥r} λ_i / Σ λ_i) (r = 0: 1, r = D: 0)."""
-    tail = evals.flip(-1).cumsum(-1).flip(-1)                    # Σ_{i≥r} λ_i for r < D
+def _sym_pow(c: torch.Tensor, power: float, damp: float) -> torch.Tensor:
+    """c^power of symmetric PSD matrices (…, D, D), eigenvalues floored at damp·mean eigenvalue."""
+    lam, u = torch.linalg.eigh(c)
+    floor = damp * lam.mean(-1, keepdim=True).clamp(min=1e-300)
+    return (u * lam.clamp(min=0).maximum(floor).pow(power)[..., None, :]) @ u.transpose(-1, -2)
+
+
+def fitted_bases(c: torch.Tensor, g: torch.Tensor | None, damp: float = 1e-6):
+    """The rank-ordered bases minimizing E‖x (I − E Dᵀ) g^{1/2}‖² over rank-r maps, for x with
+    second moment c: with c^{1/2} g c^{1/2} = U S² Uᵀ,
+
+        E = c^{-1/2} U S (encoder),   D = c^{1/2} U S⁻¹ (decoder),   error(r) = Σ_{i>r} S_i²,
+
+    truncated to any r by taking the first r columns (the optimal rank-r approximation of the
+    map x ↦ x g^{1/2} under x's distribution, Eckart–Young after whitening). The S scaling makes
+    each coordinate reach the output with unit gain, so a per-token quantizer treats them alike.
+    g None: the identity metric, E = D = U, the orthonormal PCA of x. Returns (S² descending
+    (H, D), E (H, D, D), D (H, D, D))."""
+    if g is None:
+        lam, u = torch.linalg.eigh(c)
+        return lam.flip(-1).clamp(min=0), u.flip(-1), u.flip(-1)
+    ch, chi = _sym_pow(c, 0.5, damp), _sym_pow(c, -0.5, damp)
+    s2, u = torch.linalg.eigh(ch @ g @ ch)
+    s2, u = s2.flip(-1).clamp(min=0), u.flip(-1)
+    s = s2.sqrt().clamp(min=1e-30 * float(s2.max().clamp(min=1e-300).sqrt()))[..., None, :]
+    return s2, (chi @ u) * s, (ch @ u) / s
+
+
+def relative_errors(s2: torch.Tensor) -> torch.Tensor:
+    """(H, D + 1): entry [h, r] is head h's relative error of its rank-r map,
+    sqrt(Σ_{i≥r} S_i² / Σ S_i²) (r = 0: 1, r = D: 0)."""
+    tail = s2.flip(-1).cumsum(-1).flip(-1)                       # Σ_{i≥r} S_i² for r < D
     tail = torch.cat([tail, torch.zeros_like(tail[:, :1])], -1)
     return (tail / tail[:, :1].clamp(min=1e-300)).sqrt()
 
 
-def rank_for_error(evals: torch.Tensor, err: float, step: int = 1) -> int:
-    """The smallest rank (a multiple of `step`, at most D) whose projection error is ≤ err in
-    every head."""
-    D = evals.shape[1]
-    ok = (relative_errors(evals) <= err).all(0)                  # (D + 1,) monotone in r
+def rank_for_error(s2: torch.Tensor, err: float, step: int = 1) -> int:
+    """The smallest rank (a multiple of `step`, at most D) whose relative error is ≤ err in every
+    head."""
+    D = s2.shape[1]
+    ok = (relative_errors(s2) <= err).all(0)                     # (D + 1,) monotone in r
     r = int(ok.float().argmax()) if bool(ok.any()) else D
     return min(D, max(step, math.ceil(max(r, 1) / step) * step))
 
@@ -126,17 +166,22 @@ class Eigen(CalibratedKVPass):
         for ls in spec.layers:          # a fixed rank must fit every layer before calibrating
             params.check_layer(ls)
         before = model_bytes_per_token(spec)
-        moments, n_tok = kv_moments(gm, ctx)
+        moments, n_tok = attention_moments(gm, ctx)
         step = RANK_STEP if params.bits else 1
+        aware = params.basis == "aware"
         ranks, errors = [], []
-        for i, (ls, (ck, cv)) in enumerate(zip(spec.layers, moments)):
+        for i, (ls, m) in enumerate(zip(spec.layers, moments)):
             state, chosen, err = {}, [], []
-            for name, c in (("Uk", ck), ("Uv", cv)):
-                evals, evecs = principal_bases(c)
-                r = params.rank or rank_for_error(evals, params.err, step)
-                state[name] = evecs[..., :r].float().contiguous()
+            # keys in the metric of the queries (the logits), values in that of o_proj (the
+            # attention output); "pca": both in the identity metric
+            for enc, dec, c, g in (("Uk", "Uq", m["k"], m["q"] if aware else None),
+                                   ("Uv", "Uo", m["v"], output_metric(gm, i, ls) if aware else None)):
+                s2, E, Dm = fitted_bases(c, g)
+                r = params.rank or rank_for_error(s2, params.err, step)
+                state[enc] = E[..., :r].float().contiguous()
+                state[dec] = Dm[..., :r].float().contiguous()
                 chosen.append(r)
-                err.append(round(float(relative_errors(evals)[:, r].max()), 4))
+                err.append(round(float(relative_errors(s2)[:, r].max()), 4))
             lp = dataclasses.replace(params, k_rank=chosen[0], v_rank=chosen[1])
             ir.set_layer_kv(gm, i, KVSpec("eigen", lp), state)
             ranks.append(chosen)

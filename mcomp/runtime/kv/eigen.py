@@ -2,43 +2,50 @@
 
 Eigen Attention observes that the keys and values a head produces span a subspace much smaller
 than head_dim, finds it by an SVD of calibration activations, and attends in it. Here, per layer
-and KV head, the eigen pass (mcomp/passes/eigen.py) computes orthonormal bases
+and KV head, the eigen pass (mcomp/passes/eigen.py) computes rank-r bases
 
-    U_k (D × r_k)  of the post-RoPE keys,       U_v (D × r_v)  of the values,
+    key encoder U_k, query map U_q (D × r_k),     value encoder U_v, value decoder U_o (D × r_v)
 
 and the cache stores, per token, the coordinates k·U_k and v·U_v (r_k + r_v numbers per KV head
 instead of 2·D). Attending:
 
-- logits: every query is projected into its KV head's key basis once, q̃ = q·U_k, and
-  q̃·(k U_k)ᵀ = q U_k U_kᵀ kᵀ: q·kᵀ with k replaced by its projection onto the key subspace
-  (exact when r_k = D, U_k U_kᵀ = I). The scale stays the model's 1/√D. The attention itself runs
-  at width r_k: nothing of the context is ever reconstructed to head_dim.
-- values: P·(V U_v) is computed in the basis and mapped back once per query, (P V U_v) U_vᵀ; this
-  is the fold of U_vᵀ into W_o (one small GEMM per query head instead of a weight rewrite, so the
+- logits: every query is mapped once, q̃ = q·U_q, and q̃·(k U_k)ᵀ = q·(k U_k U_qᵀ)ᵀ: q·kᵀ with k
+  replaced by its rank-r_k approximation k·M_k, M_k = U_k U_qᵀ (exact at full rank, M_k = I).
+  The scale stays the model's 1/√D. The attention runs at width r_k: nothing of the context is
+  reconstructed to head_dim.
+- values: P·(V U_v) is computed in the basis and mapped back once per query, (P V U_v)·U_oᵀ; this
+  is the fold of U_oᵀ into W_o (one small GEMM per query head instead of a weight rewrite, so the
   no-cache forward and the artifact's weights are untouched).
 
-RoPE: the key basis is applied after RoPE, on the keys the cache receives, as this issue's
-design asks; Eigen Attention's own code for RoPE models (Fig. 6) instead projects the pre-RoPE
-key and reconstructs it to D before applying RoPE at attention time, which costs a D-wide
-reconstruction of every cached key at every step. Post-RoPE PCA is a property of the keys the
-attention really sees: no constraint on rotary layout, partial rotary or layers without RoPE.
+With `basis="pca"` the maps are Eigen Attention's orthonormal principal directions of the keys
+and values (U_q = U_k, U_o = U_v, M an orthogonal projector). The default `"aware"` fits M_k for
+the logits, weighting key errors by the queries' second moment, and M_v for the attention output,
+weighting value errors by o_proj: on SmolLM2 at the same 10% error threshold the query-aware key
+maps save 2.5× the bytes of PCA at a lower KL (docs/benchmarks.md).
+
+RoPE: the bases act after RoPE, on the keys the cache receives, as this issue's design asks;
+Eigen Attention's own code for RoPE models (its Fig. 6) instead projects the pre-RoPE key and
+reconstructs it to D before applying RoPE at attention time, which costs a D-wide
+reconstruction of every cached key at every step. Post-RoPE bases constrain nothing: any rotary
+layout, partial rotary, layers without RoPE.
 
 Storage: `bits=0` keeps the coordinates in fp (`dtype`); 2/4/8 quantizes them with KIVI's
 quantizer through the latent store of xquant (runtime/kv/xquant.py): the key coordinates per
-channel over blocks of G tokens (a principal-component channel has one scale across tokens, the
-natural axis), the value coordinates per token in groups (whole groups inside a head), an fp
-residual window and fp sinks. `ProjectedKVCache` is that machinery for any per-head K and V
-bases, shared with ThinK's quantized form (a one-hot U_k of the kept channels, U_v = I).
+channel over blocks of G tokens (a basis channel has one scale across tokens, the natural axis),
+the value coordinates per token in groups (whole groups inside a head), an fp residual window
+and fp sinks. `ProjectedKVCache` is that machinery for any per-head bases, shared with ThinK's
+quantized form (a one-hot U_k = U_q of the kept channels, U_v = U_o = I).
 
-The pass also handles the rank choice; this kind only reads `Uk` (n_kv_heads, D, r_k) and `Uv`
-(n_kv_heads, D, r_v) from the layer's KV state (`state_shapes`), stored in the artifact with the
-weights, and `k_rank`/`v_rank` from the params (per layer).
+The bases are the layer's KV state `Uk`, `Uq` (n_kv_heads, D, r_k), `Uv`, `Uo` (n_kv_heads, D,
+r_v) (`state_shapes`), stored in the artifact with the weights; the per-layer ranks are the
+params' `k_rank` / `v_rank`.
 
-Shorthand: `eigen:ERR` (0 < ERR < 1: per layer, the smallest ranks whose relative Frobenius
-reconstruction error of the calibration keys / values is ≤ ERR in every KV head) or
-`eigen:RANK` (an integer: that rank per KV head for K and V in every layer), with `:kivi2` /
-`:kivi4` / `:kivi8` (quantized coordinates; ranks then rounded up to a multiple of 8), `:gN`
-(group), `:rN` (fp residual window), `:sN` (fp sinks), `:fp16` / `:bf16` (fp storage).
+Shorthand: `eigen:ERR` (0 < ERR < 1: per layer, the smallest ranks whose relative error, of the
+logits for K and of the attention output for V on the calibration text, is ≤ ERR in every KV
+head) or `eigen:RANK` (an integer: that rank per KV head for K and V in every layer), with
+`:kivi2` / `:kivi4` / `:kivi8` (quantized coordinates; ERR-chosen ranks rounded up to a multiple
+of 8), `:gN` (group), `:rN` (fp residual window), `:sN` (fp sinks), `:fp16` / `:bf16` (fp
+storage), `:pca` / `:aware` (the bases).
 """
 from __future__ import annotations
 
@@ -53,6 +60,7 @@ from . import KVChoice, KVCost, KVKind, KVParams, exact_number, register_kind
 from .xquant import XQuantCache, latent_bytes_held, latent_store_bytes
 
 EIGEN_BITS = (0, 2, 4, 8)
+BASES = ("aware", "pca")
 #: quantized coordinates get ranks in multiples of this many channels per head, so the value
 #: coordinates of a head split into whole per-token groups (an odd rank would force groups of 1)
 RANK_STEP = 8
@@ -124,6 +132,10 @@ class EigenParams(StoreParams):
     rank: int = 0                 # fixed rank per KV head for K and V (0: chosen from err)
     k_rank: int = 0               # this layer's ranks per KV head, set by the pass (0 = head_dim)
     v_rank: int = 0
+    #: how the pass fits the bases (mcomp/passes/eigen.py): "aware" minimizes the error of the
+    #: logits (keys weighted by the queries) and of the attention output (values weighted by
+    #: o_proj); "pca" is Eigen Attention's orthonormal PCA of the keys and values themselves
+    basis: str = "aware"
 
     def __post_init__(self):
         check_store(self, "eigen")
@@ -138,6 +150,8 @@ class EigenParams(StoreParams):
                               "(eigen:0.1 or eigen:32)")
         if self.err and not 0 < self.err < 1:
             raise ConfigError(f"kv eigen: error threshold must be in (0, 1), got {self.err!r}")
+        if self.basis not in BASES:
+            raise ConfigError(f"kv eigen: basis '{self.basis}' not in {', '.join(BASES)}")
 
     def ranks(self, layer: LayerSpec) -> tuple[int, int]:
         """(K rank, V rank) per KV head of `layer`."""
@@ -147,7 +161,7 @@ class EigenParams(StoreParams):
     def label(self) -> str:
         head = f"eigen-e{self.err:g}" if self.err else f"eigen-r{self.rank}"
         return (head + (f"-k{self.k_rank}v{self.v_rank}" if self.k_rank or self.v_rank else "")
-                + store_label(self))
+                + store_label(self) + ("" if self.basis == "aware" else f"-{self.basis}"))
 
     def check_layer(self, layer: LayerSpec) -> None:
         D = layer.head_dim
@@ -158,22 +172,29 @@ class EigenParams(StoreParams):
 
 
 class ProjectedKVCache(XQuantCache):
-    """The latent store of xquant over per-KV-head projections of the post-RoPE K and V:
-    a token's latent is [k_h·Uk_h for every head h | v_h·Uv_h for every head h]; queries are
-    projected by their KV head's Uk, outputs mapped back by Uvᵀ (module docstring)."""
+    """The latent store of xquant over per-KV-head projections of the post-RoPE K and V: a
+    token's latent is [k_h·Ek_h for every head h | v_h·Ev_h for every head h]; queries are
+    projected by their KV head's Eq (default Ek), outputs mapped back by Dvᵀ (default Ev), so
+    logits are q·Eq·Ekᵀ·kᵀ and outputs P·V·Ev·Dvᵀ (module docstring). Bases (H, D, r) each."""
 
-    def __init__(self, layer: LayerSpec, batch: int, binding, Uk: torch.Tensor, Uv: torch.Tensor):
+    def __init__(self, layer: LayerSpec, batch: int, binding, Ek: torch.Tensor, Ev: torch.Tensor,
+                 Eq: torch.Tensor | None = None, Dv: torch.Tensor | None = None):
         KVCache.__init__(self, layer, batch, binding)
         p = layer.kv.params
         H, D = layer.n_kv_heads, layer.head_dim
-        if Uk.shape[:2] != (H, D) or Uv.shape[:2] != (H, D):
-            raise ConfigError(f"{layer.kv.kind}: bases must be ({H}, {D}, r), got "
-                              f"{tuple(Uk.shape)} and {tuple(Uv.shape)}")
-        self.Uk, self.Uv = Uk.float(), Uv.float()                    # (H, D, rk), (H, D, rv)
-        rk, rv = Uk.shape[2], Uv.shape[2]
-        self.Uq = self.Uk.repeat_interleave(layer.n_heads // H, 0)    # query head h → KV head h//g
-        # _attend maps P·lat_v back per head through Bv (kv_dim, H·rv): block-diagonal Uv
-        self.Bv = torch.block_diag(*self.Uv.unbind(0))
+        Eq = Ek if Eq is None else Eq
+        Dv = Ev if Dv is None else Dv
+        if (any(t.shape[:2] != (H, D) for t in (Ek, Ev, Eq, Dv))
+                or Eq.shape != Ek.shape or Dv.shape != Ev.shape):
+            raise ConfigError(f"{layer.kv.kind}: bases must be ({H}, {D}, r) with the query basis "
+                              f"shaped as the key basis and the value decoder as the encoder, got "
+                              f"{[tuple(t.shape) for t in (Ek, Eq, Ev, Dv)]}")
+        self.Uk, self.Uv = Ek.float(), Ev.float()                    # (H, D, rk), (H, D, rv)
+        rk, rv = Ek.shape[2], Ev.shape[2]
+        # query head h reads KV head h // group
+        self.Uq = Eq.float().repeat_interleave(layer.n_heads // H, 0)  # (Hq, D, rk)
+        # _attend maps P·lat_v back per head through Bv (kv_dim, H·rv): block-diagonal Dv
+        self.Bv = torch.block_diag(*Dv.float().unbind(0))
         self.bv = torch.zeros(H * D)
         self._init_store(p, p.bits or 8, H * (rk + rv), H * rk, H * rv, v_group(rv, p.group_size),
                          False, split=True)
@@ -232,8 +253,8 @@ def projected_cost(p: StoreParams, layer: LayerSpec, rk: int, rv: int, context: 
 class Eigen(KVKind):
     name = "eigen"
     Params = EigenParams
-    syntax = "eigen:ERR|RANK[:kivi2|:kivi4|:kivi8:gN:rN:sN][:fp16|:bf16]"
-    needs_binding = True          # the cache reads Uk, Uv from the layer's KV state
+    syntax = "eigen:ERR|RANK[:kivi2|:kivi4|:kivi8:gN:rN:sN][:fp16|:bf16][:aware|:pca]"
+    needs_binding = True          # the cache reads its bases from the layer's KV state
     loads_kv = True               # its latent is a function of K and V alone
 
     def parse(self, arg, options, text):
@@ -254,24 +275,27 @@ class Eigen(KVKind):
         if opts.get("rank") == 0:
             raise ConfigError(f"--kv '{text}': rank must be >= 1")
         for o in options[1:]:
-            if not store_options(o, opts):
+            if o in BASES:
+                opts["basis"] = o
+            elif not store_options(o, opts):
                 raise ConfigError(f"--kv '{text}': unknown option '{o}' (use kivi2, kivi4, kivi8, "
-                                  "gN, rN, sN, fp16, bf16)")
+                                  "gN, rN, sN, fp16, bf16, aware, pca)")
         check_store_options(opts, text)
         return KVChoice(KVSpec("eigen", EigenParams(**opts)), ":".join(["eigen", *options]),
                         assign="eigen")
 
     def cache(self, layer, batch, binding):
         st = binding.state() if binding is not None else {}
-        if "Uk" not in st or "Uv" not in st:
+        if not {"Uk", "Uq", "Uv", "Uo"} <= set(st):
             raise ConfigError(f"eigen: layer {getattr(binding, 'layer', '?')} has no bases "
                               "(kv_state); set the kind with the eigen pass (--kv eigen:ERR)")
-        return ProjectedKVCache(layer, batch, binding, st["Uk"], st["Uv"])
+        return ProjectedKVCache(layer, batch, binding, st["Uk"], st["Uv"], st["Uq"], st["Uo"])
 
     def state_shapes(self, params, layer, hidden):
         H, D = layer.n_kv_heads, layer.head_dim
         rk, rv = params.ranks(layer)
-        return {"Uk": ((H, D, rk), "float32"), "Uv": ((H, D, rv), "float32")}
+        return {"Uk": ((H, D, rk), "float32"), "Uq": ((H, D, rk), "float32"),
+                "Uv": ((H, D, rv), "float32"), "Uo": ((H, D, rv), "float32")}
 
     def bytes_per_token(self, params, layer):
         return projected_bytes_per_token(params, layer, *params.ranks(layer))

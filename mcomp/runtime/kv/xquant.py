@@ -120,14 +120,16 @@ class XQuantParams(KVParams):
                               f"the group {self.v_group(layer)}")
 
 
+def weight_of(mod) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (out, in), bias or None) of a linear, fp32 (dequantized if quantized)."""
+    w = mod.dequantize() if hasattr(mod, "dequantize") else mod.weight
+    return w.detach().float(), (None if getattr(mod, "bias", None) is None
+                                else mod.bias.detach().float())
+
+
 def kv_weights(binding, layer: LayerSpec):
     """(W_k, W_v (kv_dim, hidden), b_k, b_v (kv_dim,)) fp32 from the layer's current K/V
     projections (dequantized if quantized; sliced from a fused qkv_proj; zero biases if none)."""
-    def weight_of(mod):
-        w = mod.dequantize() if hasattr(mod, "dequantize") else mod.weight
-        return w.detach().float(), (None if getattr(mod, "bias", None) is None
-                                    else mod.bias.detach().float())
-
     q, kv = layer.q_dim, layer.kv_dim
     if binding.has("k_proj"):
         (wk, bk), (wv, bv) = weight_of(binding.module("k_proj")), weight_of(binding.module("v_proj"))
