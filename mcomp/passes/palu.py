@@ -36,6 +36,7 @@ import heapq
 import logging
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,7 @@ log = logging.getLogger("mcomp.passes")
 
 @dataclass(frozen=True)
 class PaluConfig(PassConfig):
+    KIND: ClassVar[str] = "palu"   # the KV kind this pass sets (cskv reuses the pass)
     kv: str = "palu:0.5"           # the `--kv palu:...` shorthand
     fisher_samples: int = 8        # calibration windows of the Fisher backward pass
     damp: float = 1e-6             # Cholesky damping, relative to the Gram's mean diagonal
@@ -62,8 +64,8 @@ class PaluConfig(PassConfig):
 
     def __post_init__(self):
         spec = parse_kv(self.kv).spec
-        if spec.kind != "palu":
-            raise ConfigError(f"palu pass: kv '{self.kv}' is not a palu shorthand")
+        if spec.kind != self.KIND:
+            raise ConfigError(f"{self.KIND} pass: kv '{self.kv}' is not a {self.KIND} shorthand")
         if type(self.fisher_samples) is not int or self.fisher_samples < 1:
             raise ConfigError(f"palu pass: fisher_samples must be a positive integer, got "
                               f"{self.fisher_samples!r}")
@@ -211,11 +213,11 @@ class Palu(CalibratedKVPass):
         tmpl = cfg.params()
         spec = ir.get_spec(gm)
         for i, ls in enumerate(spec.layers):
-            check_input_is_kv_input(gm, i, "palu")
+            check_input_is_kv_input(gm, i, cfg.KIND)
             dataclasses.replace(tmpl, k_rank=0, v_rank=0).check_layer(ls)
             gd = tmpl.group_dim(ls)
             if gd % RANK_STEP:
-                raise ConfigError(f"palu: layer {i}: group width {gd} is not a multiple of "
+                raise ConfigError(f"{cfg.KIND}: layer {i}: group width {gd} is not a multiple of "
                                   f"{RANK_STEP}")
         before = model_bytes_per_token(spec)
         grams, n_tok = gram_matrices(gm, ctx)
@@ -267,7 +269,7 @@ class Palu(CalibratedKVPass):
                 state["A" + side] = torch.cat(As, 1)
             state["A"] = torch.cat([state.pop("Ak"), state.pop("Av")], 1).float()
             params = dataclasses.replace(tmpl, k_rank=rk, v_rank=rv)
-            ir.set_layer_kv(gm, i, KVSpec("palu", params), state)
+            ir.set_layer_kv(gm, i, KVSpec(cfg.KIND, params), state)
             ranks.append([rk, rv])
             kept += sum(params.latent_split(ls))
         after = model_bytes_per_token(ir.get_spec(gm))
@@ -277,5 +279,5 @@ class Palu(CalibratedKVPass):
                  "allocation": tmpl.allocation, "latent": scaling,
                  "calibration_tokens": n_tok,
                  "kv_bytes_per_token_before": before, "kv_bytes_per_token_after": after}
-        log.info("palu: kept %d of %d K/V channels; ranks %s", kept, total, ranks)
+        log.info("%s: kept %d of %d K/V channels; ranks %s", cfg.KIND, kept, total, ranks)
         return PassResult(gm, stats)
