@@ -2,7 +2,7 @@
 and docs/img/kv_lowrank_bytes_vs_kl.png.
 
 For each model, KV scheme (a `--kv` shorthand through apply_kv_flag: palu and think calibrate on
-the embedded calibration text, Pride and Prejudice) and evaluation domain, the same protocol as
+the embedded calibration text, Pride and Prejudice; so does eigen) and evaluation domain, the same protocol as
 the xquant-vs-KIVI table: fp32 weights, 512-token windows (BOS first), 1022 text tokens scored in
 quantize-before-attend mode (`Session.streaming_perplexity(mode="prefill")`: every query sees the
 cache state token-by-token decode would have had). KL and top-1 are against the same model
@@ -46,6 +46,10 @@ SCHEMES = [
     ("palu:0.25:kivi2:s4", "palu+kivi"), ("palu:0.1:kivi2", "palu+kivi"),
     ("palu:0.05:kivi2:s4", "palu+kivi"),
     ("think:0.25", "think"), ("think:0.5", "think"),
+    ("think:0.25:kivi2:s4", "think+kivi"), ("think:0.4:kivi2:s4", "think+kivi"),
+    ("eigen:0.05", "eigen"), ("eigen:0.1", "eigen"), ("eigen:0.1:pca", "eigen"),
+    ("eigen:0.05:kivi2:s4", "eigen+kivi"), ("eigen:0.1:kivi2:s4", "eigen+kivi"),
+    ("eigen:0.1:kivi4:s4", "eigen+kivi"),
 ]
 DOMAINS = ("persuasion", "code")
 
@@ -95,11 +99,11 @@ def measure(model: str, kv: str, domains: dict[str, str], args) -> list[dict]:
 def render(rows: list[dict]) -> str:
     family = dict(SCHEMES)
     order = {k: i for i, (k, _) in enumerate(SCHEMES)}
-    out = [BEGIN, "## Low-rank and channel-shrunk KV (Palu, ThinK) vs KIVI and xquant", "",
+    out = [BEGIN, "## Low-rank and channel-shrunk KV (Palu, ThinK, Eigen Attention) vs KIVI and xquant", "",
            "`python benchmarks/bench_lowrank.py --model MODEL` — fp32 weights, 512-token windows, "
            "1022 tokens scored in quantize-before-attend mode; KL / top-1 against the same model "
            "without a cache; KV B/token as `mcomp inspect` reports it (fp windows and sinks "
-           "excluded). palu and think calibrate on the embedded Pride and Prejudice text; "
+           "excluded). palu, think and eigen calibrate on the embedded Pride and Prejudice text; "
            "`persuasion` is Austen too, `code` is mcomp's own source at commit "
            f"{CODE_COMMIT} (the xquant table's second domain). 2 threads.", ""]
     for dom in DOMAINS:
@@ -130,7 +134,9 @@ def plot(rows: list[dict]) -> None:
     fig, axes = plt.subplots(len(models), len(DOMAINS), figsize=(11, 4.2 * len(models)),
                              squeeze=False)
     style = {"kivi": ("o", "tab:gray"), "xquant": ("D", "tab:purple"), "palu": ("s", "tab:blue"),
-             "palu+kivi": ("^", "tab:orange"), "think": ("v", "tab:green")}
+             "palu+kivi": ("^", "tab:orange"), "think": ("v", "tab:green"),
+             "think+kivi": ("<", "tab:olive"), "eigen": ("P", "tab:red"),
+             "eigen+kivi": ("X", "tab:brown")}
     for i, model in enumerate(models):
         for j, dom in enumerate(DOMAINS):
             ax = axes[i][j]

@@ -34,7 +34,7 @@ from .passes import PASSES, STAGES, Pass
 def _load_pass_modules() -> None:
     """Import every module that registers passes (registries fill on import)."""
     from .. import passes as _p  # noqa: F401
-    from ..passes import assign_kv, eigen, fuse_gate_up, fuse_qkv, palu, rotate_v, think  # noqa: F401
+    from ..passes import assign_kv, cskv, eigen, fuse_gate_up, fuse_qkv, palu, rotate_v, think  # noqa: F401
     from ..quant import awq, gptq, hqq, mixed, rtn  # noqa: F401
     from ..prune import layers, structured  # noqa: F401
 

@@ -147,7 +147,7 @@ def check_input_is_kv_input(gm, layer: int, kind: str) -> None:
 def kv_passes(text: str) -> list[Pass]:
     """The passes a `--kv` shorthand stands for: its weight rewrites, then the pass that sets
     the kind (assign_kv, or the kind's own calibrating pass)."""
-    from . import eigen, palu, think  # noqa: F401  the calibrating KV passes register on import
+    from . import cskv, eigen, palu, think  # noqa: F401  the calibrating KV passes register on import
     choice = parse_kv(text)
     rewrites = [PASSES.get(name)() for name in choice.rewrites]
     assign = PASSES.get(choice.assign)

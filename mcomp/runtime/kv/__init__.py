@@ -253,3 +253,4 @@ from . import xquant_cl  # noqa: E402,F401
 from . import palu  # noqa: E402,F401
 from . import think  # noqa: E402,F401
 from . import eigen  # noqa: E402,F401
+from . import cskv  # noqa: E402,F401

@@ -206,7 +206,7 @@ class ProjectedKVCache(XQuantCache):
         lv = torch.einsum("bhtd,hdr->bthr", v.float(), self.Uv).flatten(2)
         return torch.cat([lk, lv], -1)                                 # (B, T, H·(rk + rv))
 
-    def keys(self, lat: torch.Tensor) -> torch.Tensor:
+    def keys(self, lat: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
         """The held keys in the basis, (B, H, S, rk): nothing is rematerialized."""
         return lat[..., self.k_cols].unflatten(-1, (self.H, -1)).transpose(1, 2)
 

@@ -327,12 +327,13 @@ class XQuantCache(KVCache):
 
     # ------------------------------------------------------------------ attend
 
-    def keys(self, lat: torch.Tensor) -> torch.Tensor:
-        """Rematerialize post-RoPE keys (B, H, S, D) from the latent (B, S, r)."""
+    def keys(self, lat: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Rematerialize post-RoPE keys (B, H, S, D) from the latent (B, S, r) of the tokens at
+        `pos` (B, S) (default: every held token's)."""
         k = (lat[..., self.k_cols] @ self.Bk.T + self.bk).unflatten(-1, (self.H, self.D)).transpose(1, 2)
         if self.has_knorm:
             k = self.binding.module("k_norm")(k)
-        rot = self.binding.rotary(self.pos)
+        rot = self.binding.rotary(self.pos if pos is None else pos)
         if rot is not None:
             from ...compiler.model import apply_rope
             k = apply_rope(k, *rot)
