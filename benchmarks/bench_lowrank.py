@@ -50,6 +50,8 @@ SCHEMES = [
     ("eigen:0.05", "eigen"), ("eigen:0.1", "eigen"), ("eigen:0.1:pca", "eigen"),
     ("eigen:0.05:kivi2:s4", "eigen+kivi"), ("eigen:0.1:kivi2:s4", "eigen+kivi"),
     ("eigen:0.1:kivi4:s4", "eigen+kivi"),
+    ("cskv:0.25", "cskv"), ("cskv:0.5", "cskv"),
+    ("cskv:0.1:kivi2:s4", "cskv+kivi"), ("cskv:0.05:kivi2:s4", "cskv+kivi"),
 ]
 DOMAINS = ("persuasion", "code")
 
@@ -99,11 +101,11 @@ def measure(model: str, kv: str, domains: dict[str, str], args) -> list[dict]:
 def render(rows: list[dict]) -> str:
     family = dict(SCHEMES)
     order = {k: i for i, (k, _) in enumerate(SCHEMES)}
-    out = [BEGIN, "## Low-rank and channel-shrunk KV (Palu, ThinK, Eigen Attention) vs KIVI and xquant", "",
+    out = [BEGIN, "## Low-rank and channel-shrunk KV (Palu, ThinK, Eigen Attention, CSKV) vs KIVI and xquant", "",
            "`python benchmarks/bench_lowrank.py --model MODEL` — fp32 weights, 512-token windows, "
            "1022 tokens scored in quantize-before-attend mode; KL / top-1 against the same model "
            "without a cache; KV B/token as `mcomp inspect` reports it (fp windows and sinks "
-           "excluded). palu, think and eigen calibrate on the embedded Pride and Prejudice text; "
+           "excluded). palu, think, eigen and cskv calibrate on the embedded Pride and Prejudice text; "
            "`persuasion` is Austen too, `code` is mcomp's own source at commit "
            f"{CODE_COMMIT} (the xquant table's second domain). 2 threads.", ""]
     for dom in DOMAINS:
@@ -136,7 +138,8 @@ def plot(rows: list[dict]) -> None:
     style = {"kivi": ("o", "tab:gray"), "xquant": ("D", "tab:purple"), "palu": ("s", "tab:blue"),
              "palu+kivi": ("^", "tab:orange"), "think": ("v", "tab:green"),
              "think+kivi": ("<", "tab:olive"), "eigen": ("P", "tab:red"),
-             "eigen+kivi": ("X", "tab:brown")}
+             "eigen+kivi": ("X", "tab:brown"), "cskv": ("p", "tab:cyan"),
+             "cskv+kivi": ("h", "tab:pink")}
     for i, model in enumerate(models):
         for j, dom in enumerate(DOMAINS):
             ax = axes[i][j]
