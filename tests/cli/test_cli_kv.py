@@ -38,7 +38,7 @@ def test_bad_kv_flags(tiny_hf, tmp_path):  # noqa: F811
     one_line_error(mcomp("eval", tiny_hf, "--kv", "xquant:3", "--streaming"), 2, "bits=3")
     one_line_error(mcomp("optimize", tiny_hf, "--kv", "xquant:2:r999", "--out", tmp_path / "y"),
                    2, "rank 999 exceeds")
-    one_line_error(mcomp("eval", tiny_hf, "--kv", "eigen:0.5", "--streaming"), 2, "xquant:BITS")
+    one_line_error(mcomp("eval", tiny_hf, "--kv", "lowrank:0.5", "--streaming"), 2, "xquant:BITS")
     one_line_error(mcomp("eval", tiny_hf, "--kv", "palu:1.5", "--streaming"), 2, "ratio must be in")
     r = mcomp("eval", tiny_hf, "--streaming", "--quantized-prefill")
     assert r.returncode == 2

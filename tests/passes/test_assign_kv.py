@@ -70,7 +70,7 @@ def test_kv_shorthand():
         with pytest.raises(ConfigError, match="--kv"):
             parse_kv(bad)
     with pytest.raises(ConfigError, match="registered: dense"):    # the registry lists kinds
-        parse_kv("eigen:0.5")
+        parse_kv("lowrank:0.5")
     [p] = parse_kv_flag("kivi2")
     assert p.name == "assign_kv" and p.stage == "kv"
 

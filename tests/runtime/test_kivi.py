@@ -92,7 +92,7 @@ def test_kivi_params_validation(kw, msg):
 
 
 def test_kvspec_unknown_kind_lists_registered():
-    with pytest.raises(ConfigError, match="unknown KV representation 'nope'; choose one of: dense, kivi"):
+    with pytest.raises(ConfigError, match="unknown KV representation 'nope'; choose one of: cskv, dense, eigen, kivi"):
         KVSpec("nope")
     with pytest.raises(ConfigError, match="dtype"):
         DenseParams("int8")
