@@ -163,7 +163,7 @@ class ThinKCache(DenseKVCache):
 class ThinK(KVKind):
     name = "think"
     Params = ThinKParams
-    syntax = "think:RATIO[:fp16|:bf16]"
+    syntax = "think:RATIO[:fp16|:bf16][:kivi2|:kivi4|:kivi8:gN:rN:sN]"
     needs_binding = True          # the cache reads `keep` from the layer's KV state
     loads_kv = True               # load() gathers the kept channels of the given K
 
