@@ -194,8 +194,9 @@ class ProjectedKVCache(XQuantCache):
         rk, rv = Ek.shape[2], Ev.shape[2]
         # query head h reads KV head h // group
         self.Uq = Eq.float().repeat_interleave(layer.n_heads // H, 0)  # (Hq, D, rk)
-        # _attend maps P·lat_v back per head through Bv (kv_dim, H·rv): block-diagonal Dv
-        self.Bv = torch.block_diag(*Dv.float().unbind(0))
+        self.Uo = Dv.float()                                           # (H, D, rv)
+        # the prefill path rebuilds V as lat_v·Bvᵀ (kv_dim, H·rv): block-diagonal Dv
+        self.Bv = torch.block_diag(*self.Uo.unbind(0))
         self.bv = torch.zeros(H * D)
         self._init_store(p, p.bits or 8, H * (rk + rv), H * rk, H * rv, v_group(rv, p.group_size),
                          False, split=True)
@@ -213,6 +214,13 @@ class ProjectedKVCache(XQuantCache):
 
     def queries(self, q: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bhtd,hdr->bhtr", q.float(), self.Uq)
+
+    def mix_values(self, p, v_lat):
+        """Each query head reads only its own KV head's value coordinates (B, S, H·rv)."""
+        return torch.einsum("bhrts,bshc->bhrtc", p, v_lat.unflatten(-1, (self.H, -1)))
+
+    def values_out(self, pl):
+        return torch.einsum("bhrtc,hdc->bhrtd", pl, self.Uo)
 
     def load(self, k, v, h=None):
         B, _, T, _ = k.shape

@@ -416,14 +416,22 @@ class XQuantCache(KVCache):
         p = torch.softmax(logits, -1)
         va = lat_a[..., self.v_cols]
         if sel is None:
-            pl = torch.einsum("bhrts,bsc->bhrtc", p, va)                      # (B, H, r', T, rv)
+            pl = self.mix_values(p, va)
         else:
             pa = p * sel
-            pl = (torch.einsum("bhrts,bsc->bhrtc", pa, va)
-                  + torch.einsum("bhrts,bsc->bhrtc", p - pa, lat_b[..., self.v_cols]))
-        Bv = self.Bv.view(self.H, D, -1)                                      # (H, D, rv)
-        out = torch.einsum("bhrtc,hdc->bhrtd", pl, Bv) + self.bv.view(1, self.H, 1, 1, D)
-        return out.reshape(B, Hq, T, D).to(q.dtype)
+            pl = self.mix_values(pa, va) + self.mix_values(p - pa, lat_b[..., self.v_cols])
+        return self.values_out(pl).reshape(B, Hq, T, D).to(q.dtype)
+
+    def mix_values(self, p: torch.Tensor, v_lat: torch.Tensor) -> torch.Tensor:
+        """Attention weights p (B, H, r', T, S) applied to the V latent (B, S, rv): (B, H, r', T, rv)
+        (every query head reads the whole latent: B_v mixes all of its channels)."""
+        return torch.einsum("bhrts,bsc->bhrtc", p, v_lat)
+
+    def values_out(self, pl: torch.Tensor) -> torch.Tensor:
+        """(B, H, r', T, rv) latent outputs → (B, H, r', T, D): B_v of each query's KV group, then
+        b_v (p's rows sum to 1)."""
+        Bv = self.Bv.view(self.H, self.D, -1)                                 # (H, D, rv)
+        return torch.einsum("bhrtc,hdc->bhrtd", pl, Bv) + self.bv.view(1, self.H, 1, 1, self.D)
 
 
 @register_kind
