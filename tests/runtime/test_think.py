@@ -17,7 +17,7 @@ from mcomp.compiler.spec import KVSpec, RopeSpec
 from mcomp.errors import ConfigError
 from mcomp.passes.assign_kv import AssignKV, AssignKVConfig, kv_passes
 from mcomp.runtime.kv import KV_KINDS, bytes_held, parse_kv
-from mcomp.runtime.kv.think import ThinKCache, ThinKParams
+from mcomp.runtime.kv.think import ThinKParams, think_cache
 from mcomp.runtime.kvcache import AttentionState, KVBinding
 from tests.helpers import small_ctx, tiny_gm, tiny_spec
 from tests.runtime.test_xquant import run_cached
@@ -152,14 +152,14 @@ def test_keep_all_equals_no_cache(spec_kw):
     with torch.inference_mode():
         ref = gm(ids, pos)
         st = AttentionState(spec, 1, model=gm)
-        st.caches = [ThinKCache(l, 1, _AllChannels(gm, i)) for i, l in enumerate(spec.layers)]
+        st.caches = [think_cache(l, 1, _AllChannels(gm, i)) for i, l in enumerate(spec.layers)]
         st.begin(pos[:, :8])
         outs = [gm(ids[:, :8], pos[:, :8], st)]
         for t in range(8, T):
             st.begin(pos[:, t:t + 1])
             outs.append(gm(ids[:, t:t + 1], pos[:, t:t + 1], st))
     got = torch.cat(outs, 1)
-    assert all(c.k.shape[-1] == 16 for c in st.caches)
+    assert all(c.Uk.shape[-1] == 16 for c in st.caches)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
 
 
@@ -167,7 +167,7 @@ def test_keep_all_equals_no_cache(spec_kw):
                                         ("think:0.75:bf16", 2)])
 def test_storage_equals_accounting_and_is_below_dense(text, width):
     """What the cache really holds over its used extent (past a buffer doubling: 100 tokens)
-    is exactly the kind's accounting, with the keys really D_kept wide, and below dense."""
+    is exactly the kind's accounting, a row really H·(D_kept + D) wide, and below dense."""
     gm, _ = think_gm(text)
     spec = ir.get_spec(gm)
     ratio = float(text.split(":")[1])
@@ -175,9 +175,10 @@ def test_storage_equals_accounting_and_is_below_dense(text, width):
     _, _, st = run_cached(gm, ids)
     for c, ls in zip(st.caches, spec.layers):
         dk = round(16 * (1 - ratio))
-        assert c.k.shape[-1] == dk and c.v.shape[-1] == 16 and c.k.shape[2] >= 128
-        assert c.k.element_size() == width == c.v.element_size()
-        real = sum(t[:, :, :c.length].numel() * t.element_size() for t in (c.k, c.v))
+        assert c.Uk.shape[-1] == dk and c.sink is None and c.nb == 0
+        assert c.res.shape == (1, 100, ls.n_kv_heads * (dk + 16)) and c._res_buf.shape[1] >= 128
+        assert c.res.element_size() == width
+        real = c.res.numel() * c.res.element_size()
         assert real == c.nbytes() == bytes_held(ls, 100)
         assert real == 100 * ls.n_kv_heads * (dk + 16) * width
         dense = KV_KINDS.get("dense")
@@ -189,13 +190,15 @@ def test_load_stores_what_attend_stores():
     spec = ir.get_spec(gm)
     g = torch.Generator().manual_seed(4)
     k, v = torch.randn(1, 2, 9, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g)
-    a, b = (ThinKCache(spec.layers[0], 1, KVBinding(gm, 0)) for _ in range(2))
+    a, b = (think_cache(spec.layers[0], 1, KVBinding(gm, 0)) for _ in range(2))
     a.load(k, v)
     b.attend(torch.randn(1, 4, 9, 16, generator=g), k, v, 0.25, None)
-    assert torch.equal(a.k[:, :, :9], b.k[:, :, :9]) and torch.equal(a.v[:, :, :9], v)
-    keep = a.keep
+    assert torch.equal(a.res, b.res) and a.res.shape[1] == 9
+    keep = keeps(gm)[0]
+    held_k, held_v = a.keys(a.latent()), a.latent()[..., a.v_cols].unflatten(-1, (2, 16))
     for h in range(2):
-        assert torch.equal(a.k[0, h, :9], k[0, h][:, keep[h]])
+        assert torch.equal(held_k[0, h], k[0, h][:, keep[h]])
+        assert torch.equal(held_v[0, :, h], v[0, h])
 
 
 def test_keep_comes_in_rope_pairs_and_keeps_a_planted_pair():
@@ -281,7 +284,7 @@ def test_assign_kv_refuses_and_a_cache_without_keep_is_refused():
     with pytest.raises(ConfigError, match="no kept-channel"):
         AttentionState(ir.get_spec(gm), 1, model=gm)
     with pytest.raises(ConfigError, match="strictly increasing"):     # a never-filled state
-        ThinKCache(ir.get_spec(gm).layers[0], 1, type("B", (), {
+        think_cache(ir.get_spec(gm).layers[0], 1, type("B", (), {
             "layer": 0, "state": lambda self: {"keep": torch.zeros(2, 8, dtype=torch.long)}})())
 
 

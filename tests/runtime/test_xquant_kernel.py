@@ -1,5 +1,7 @@
 """The C++ xquant decode kernel against the pure-torch reference (`XQuantCache._attend` on the
-dequantized latent), over the shapes and options the kind accepts, and end to end."""
+dequantized latent), over the shapes and options the kind accepts, and end to end; in its
+projected mode (eigen, ThinK: per-head coordinates read without rematerialization) and over fp
+latents (palu, eigen and ThinK without quantization) too."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,11 +10,11 @@ import pytest
 import torch
 
 from mcomp.compiler import ir
-from mcomp.passes.assign_kv import apply_kv_flag
+from mcomp.passes.assign_kv import apply_kv_flag, kv_passes
 from mcomp.runtime import kernels
 from mcomp.runtime.kernels import xquant_attention as xa
 from mcomp.runtime.kvcache import AttentionState
-from tests.helpers import tiny_gm, tiny_spec
+from tests.helpers import small_ctx, tiny_gm, tiny_spec
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not xa.available(), reason="xquant kernel not built")]
@@ -25,7 +27,11 @@ def model(kv: str, qk_norm=False, n_layers=1, heads=4, kv_heads=2, head_dim=16, 
         spec = dataclasses.replace(spec, layers=tuple(
             dataclasses.replace(l, qk_norm=True, qkv_bias=True) for l in spec.layers))
     gm = tiny_gm(spec)
-    apply_kv_flag(gm, kv)
+    if kv.startswith("xquant"):
+        apply_kv_flag(gm, kv)       # factors from the weights: no calibration
+    else:
+        for p in kv_passes(kv):     # the kind's pass fits its factors / bases / kept channels
+            p.run(gm, small_ctx())
     return gm
 
 
@@ -36,19 +42,30 @@ def drive(gm, B, prefill, steps, scale=0.25, seed=0, mask_fn=None):
     st = AttentionState(spec, B, model=gm)
     c = st.caches[0]
     g = torch.Generator().manual_seed(seed)
-    hidden, Hq, D = spec.hidden_size, spec.layers[0].n_heads, spec.layers[0].head_dim
+    L0 = spec.layers[0]
+    hidden, Hq, H, D = spec.hidden_size, L0.n_heads, L0.n_kv_heads, L0.head_dim
+
+    def new(T):       # q, k, v, h of T tokens (a latent kind stores h's latent, a projected k, v's)
+        return (torch.randn(B, Hq, T, D, generator=g), torch.randn(B, H, T, D, generator=g),
+                torch.randn(B, H, T, D, generator=g), torch.randn(B, T, hidden, generator=g))
+
     S0 = prefill
-    h = torch.randn(B, S0, hidden, generator=g)
-    pos = torch.arange(S0)[None].expand(B, -1)
-    c.attend(torch.randn(B, Hq, S0, D, generator=g), None, None, scale, None, h=h, positions=pos)
+    q, k, v, h = new(S0)
+    c.attend(q, k, v, scale, None, h=h, positions=torch.arange(S0)[None].expand(B, -1))
     for t in range(steps):
         S = S0 + t + 1
-        q = torch.randn(B, Hq, 1, D, generator=g)
+        q, k, v, h = new(1)
         mask = torch.ones(B, 1, 1, S, dtype=torch.bool) if mask_fn is None else mask_fn(B, S)
-        out = c.attend(q, None, None, scale, mask, h=torch.randn(B, 1, hidden, generator=g),
-                       positions=torch.full((B, 1), S - 1))
+        out = c.attend(q, k, v, scale, mask, h=h, positions=torch.full((B, 1), S - 1))
         assert c.last_path == "kernel"
         yield out, c._attend(q, scale, mask, c.latent(), None, None)
+
+
+def _padded(B, S):
+    """Row 1 left-padded by 6 tokens."""
+    m = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    m[1, ..., :6] = False
+    return m
 
 
 def assert_matches(pairs):
@@ -66,6 +83,23 @@ def assert_matches(pairs):
                                 "xquant:4:g4:res0:ts", "xquant:2:g16:res0:s1:stacked:r40"])
 def test_kernel_equals_reference(kv):
     assert_matches(drive(model(kv), B=1, prefill=45, steps=12))
+
+
+@pytest.mark.parametrize("kv", ["eigen:0.3", "eigen:8:kivi2:g4:r4", "eigen:0.2:kivi4:g8:r0:s2",
+                                "eigen:8:kivi8:g16:r8:fp16", "think:0.5:kivi2:g4:r4:s1",
+                                "think:0.25:kivi4:g8:r0", "palu:0.5", "palu:0.25:uniform:hg1"])
+def test_projected_and_fp_latents_equal_reference(kv):
+    """eigen / ThinK + KIVI run the projected mode (q in the key basis, per-head V); an fp latent
+    (palu, eigen without :kiviN) is all fp rows, no quantized block."""
+    gm = model(kv)
+    assert AttentionState(ir.get_spec(gm), 1, model=gm).caches[0].projected == \
+        (not kv.startswith("palu"))
+    assert_matches(drive(gm, B=1, prefill=45, steps=12))
+
+
+def test_projected_batch_mask_and_gqa():
+    gm = model("eigen:8:kivi2:g4:r4:s1", heads=6, kv_heads=2)
+    assert_matches(drive(gm, B=2, prefill=37, steps=6, mask_fn=_padded))
 
 
 def test_blocks_longer_than_the_fp_tile():
@@ -86,11 +120,7 @@ def test_qk_norm_and_bias_layers():
 
 def test_batch_and_padding_mask():
     """Left padding (masked columns in a quantized block and in the sink) per batch row."""
-    def mask_fn(B, S):
-        m = torch.ones(B, 1, 1, S, dtype=torch.bool)
-        m[1, ..., :6] = False
-        return m
-    assert_matches(drive(model("xquant:4:g4:res4:s2"), B=2, prefill=30, steps=6, mask_fn=mask_fn))
+    assert_matches(drive(model("xquant:4:g4:res4:s2"), B=2, prefill=30, steps=6, mask_fn=_padded))
 
 
 def test_sliding_window_skips_whole_tiles():

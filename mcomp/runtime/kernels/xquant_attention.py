@@ -6,6 +6,11 @@ The C++ source is csrc/xquant_attention.cpp (its header comment gives the algori
 latent; only at the end is each query head's P·L_v projected by B_v. Peak scratch per task is a
 tile's latent and keys (max(32, G) × (r + kv_dim) floats): no K or V of the whole context exists.
 
+The same kernel runs caches that store per-head coordinates of the keys and values instead
+(`cache.projected`: eigen and ThinK + KIVI, runtime/kv/eigen.py ProjectedKVCache): the query is
+mapped into the key basis here, the scores read the coordinates without rematerializing anything,
+and each query head mixes only its KV head's value coordinates before its decoder U_o.
+
 Built with `torch.utils.cpp_extension.load` (JIT, cached in torch's extension dir; -O3
 -march=native). If it cannot be built (no ninja or compiler), or MCOMP_NO_XQUANT_KERNEL=1,
 `available()` is False and the cache runs its pure-torch reference (`XQuantCache._attend`), which
@@ -25,7 +30,7 @@ import torch
 from .jit import CFLAGS, LDFLAGS, JitExtension
 
 _SRC = Path(__file__).with_name("csrc") / "xquant_attention.cpp"
-_NAME = "mcomp_xquant_attention_v1"
+_NAME = "mcomp_xquant_attention_v2"
 
 KERNEL = JitExtension("xquant attention kernel", "MCOMP_NO_XQUANT_KERNEL", lambda ext: ext.load(
     name=_NAME, sources=[str(_SRC)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=False))
@@ -45,21 +50,35 @@ def use_kernel(cache) -> bool:
     from .. import kernels
     if kernels._FORCE_REFERENCE or cache.bits not in (2, 4, 8):
         return False
-    if cache.has_knorm and _rmsnorm_weight(cache) is None:
-        return False
-    if cache.layer.rope is not None and cache.layer.rope.dim != cache.D:
-        return False           # partial rotary: the kernel rotates whole heads
+    if not cache.projected:
+        if cache.has_knorm and _rmsnorm_weight(cache) is None:
+            return False
+        if cache.layer.rope is not None and cache.layer.rope.dim != cache.D:
+            return False       # partial rotary: the kernel rotates whole heads
     return available()
 
 
-def _factors(cache):
-    """Kernel-layout factors, derived once per cache (the cache's B_k/B_v are fixed at build)."""
+def remat_factors(cache):
+    """Kernel-layout factors of a cache that rematerializes K (xquant, palu): (BkT, bk, Bv, bv,
+    k_norm weight, eps), derived once per cache (its B_k/B_v are fixed at build)."""
     f = getattr(cache, "_kernel_factors", None)
     if f is None:
         kn = _rmsnorm_weight(cache) if cache.has_knorm else None
         f = (cache.Bk.T.contiguous().float(), cache.bk.float().contiguous(),
              cache.Bv.float().contiguous(), cache.bv.float().contiguous(),
              torch.empty(0) if kn is None else kn[0], 1e-6 if kn is None else kn[1])
+        cache._kernel_factors = f
+    return f
+
+
+def projected_factors(cache):
+    """The same for a cache whose latent holds per-head key and value coordinates (eigen, ThinK +
+    KIVI): no B_k, B_v the per-head decoders stacked (H·D, r_v), no bias, norm or RoPE."""
+    f = getattr(cache, "_kernel_factors", None)
+    if f is None:
+        e = torch.empty(0)
+        f = (e, e, cache.Uo.reshape(-1, cache.Uo.shape[-1]).float().contiguous(),
+             torch.zeros(cache.H * cache.D), e, 1e-6)
         cache._kernel_factors = f
     return f
 
@@ -104,7 +123,7 @@ def _nsplit(B: int, ntiles: int) -> int:
 def decode(cache, q: torch.Tensor, scale: float, mask) -> torch.Tensor:
     """q (B, Hq, 1, D) over the cache's stored state → (B, Hq, 1, D)."""
     mod = load()
-    B, Hq, _, D = q.shape
+    B, Hq, _, D = q.shape                         # D: the output's head_dim
     f32, u8, f16 = torch.float32, torch.uint8, torch.float16
     r = cache.r
 
@@ -118,8 +137,13 @@ def decode(cache, q: torch.Tensor, scale: float, mask) -> torch.Tensor:
     nscales = st.get("nscales", none16)
     tcodes = st.get("tcodes", none8)
     tscales = st.get("tscales", none16)
-    BkT, bk, Bv, bv, knw, eps = _factors(cache)
-    rope = rope_halves(cache)
+    if cache.projected:
+        BkT, bk, Bv, bv, knw, eps = projected_factors(cache)
+        rope = None
+        q = cache.queries(q)                      # (B, Hq, 1, r_k): attention runs in the basis
+    else:
+        BkT, bk, Bv, bv, knw, eps = remat_factors(cache)
+        rope = rope_halves(cache)
     cos, sin = (torch.empty(0), torch.empty(0)) if rope is None else rope
     if mask is not None and bool(mask.all()):
         mask = None
@@ -130,9 +154,9 @@ def decode(cache, q: torch.Tensor, scale: float, mask) -> torch.Tensor:
     ns = 0 if cache.sink is None else cache.sink.shape[1]
     nr = 0 if cache.res is None else cache.res.shape[1]
     ntiles = -(-ns // 32) + cache.nb + -(-nr // 32)
-    out = mod.xquant_decode(q.reshape(B, Hq, D).float().contiguous(), fp(cache.sink),
+    out = mod.xquant_decode(q.reshape(B, Hq, -1).float().contiguous(), fp(cache.sink),
                             fp(cache.res), codes, scales, nscales, tcodes, tscales, BkT, bk, Bv,
                             bv, knw, cos, sin, m, cache.nb, cache.G, cache.rk, cache.rv, cache.gv,
                             cache.bits, bool(cache.tok_scale), k_off, v_off, cache.H, float(scale),
-                            eps, _nsplit(B, ntiles))
+                            eps, _nsplit(B, ntiles), cache.projected)
     return out.view(B, Hq, 1, D).to(q.dtype)

@@ -178,6 +178,8 @@ class ProjectedKVCache(XQuantCache):
     projected by their KV head's Eq (default Ek), outputs mapped back by Dvᵀ (default Ev), so
     logits are q·Eq·Ekᵀ·kᵀ and outputs P·V·Ev·Dvᵀ (module docstring). Bases (H, D, r) each."""
 
+    projected = True            # decode steps run the xquant kernel in its projected mode
+
     def __init__(self, layer: LayerSpec, batch: int, binding, Ek: torch.Tensor, Ev: torch.Tensor,
                  Eq: torch.Tensor | None = None, Dv: torch.Tensor | None = None):
         KVCache.__init__(self, layer, batch, binding)
@@ -195,9 +197,6 @@ class ProjectedKVCache(XQuantCache):
         # query head h reads KV head h // group
         self.Uq = Eq.float().repeat_interleave(layer.n_heads // H, 0)  # (Hq, D, rk)
         self.Uo = Dv.float()                                           # (H, D, rv)
-        # the prefill path rebuilds V as lat_v·Bvᵀ (kv_dim, H·rv): block-diagonal Dv
-        self.Bv = torch.block_diag(*self.Uo.unbind(0))
-        self.bv = torch.zeros(H * D)
         self._init_store(p, p.bits or 8, H * (rk + rv), H * rk, H * rv, v_group(rv, p.group_size),
                          False, split=True)
         if not p.bits:          # fp coordinates: everything stays in the fp window
@@ -215,6 +214,11 @@ class ProjectedKVCache(XQuantCache):
     def queries(self, q: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bhtd,hdr->bhtr", q.float(), self.Uq)
 
+    def values(self, lat):
+        """V (B, H, S, D) for the prefill path: each head's coordinates through its own U_o."""
+        return torch.einsum("bshc,hdc->bhsd", lat[..., self.v_cols].unflatten(-1, (self.H, -1)),
+                            self.Uo)
+
     def mix_values(self, p, v_lat):
         """Each query head reads only its own KV head's value coordinates (B, S, H·rv)."""
         return torch.einsum("bhrts,bshc->bhrtc", p, v_lat.unflatten(-1, (self.H, -1)))
@@ -226,9 +230,6 @@ class ProjectedKVCache(XQuantCache):
         B, _, T, _ = k.shape
         self.append_latent(self.encode(k, v, h, None),
                            torch.arange(self.length, self.length + T).expand(B, T))
-
-    def fast_decode(self, q, scale, mask):
-        return None             # no kernel yet: decode runs the pure-torch reference
 
 
 def projected_bytes_per_token(p: StoreParams, layer: LayerSpec, rk: int, rv: int):

@@ -191,9 +191,6 @@ class PaluCache(XQuantCache):
         if not p.bits:          # an fp latent: everything stays in the fp window
             self.R = 1 << 62
 
-    def fast_decode(self, q, scale, mask):
-        return None if not self.p.bits else super().fast_decode(q, scale, mask)
-
 
 @register_kind
 class Palu(KVKind):

@@ -19,12 +19,14 @@ the angle between the two 2-D vectors, its magnitude |q_pair|·|k_pair| does not
 kept or dropped a whole pair at a time (the pass scores pairs). A layer without RoPE prunes
 channels independently; partial rotary (rope.dim < head_dim) is not supported.
 
-Quantized (`:kivi2` / `:kivi4` / `:kivi8`, ThinK §4 "ThinK + KIVI"): the kept key channels and
-the values are stored with KIVI's quantizer, keys per channel over blocks of G tokens, values per
-token in groups, an fp residual window and sinks, through eigen's ProjectedKVCache
-(runtime/kv/eigen.py) with U_k the one-hot columns of `keep` and U_v = I: projecting onto one-hot
-columns is the gather above, so the quantized cache attends over exactly what the fp one holds,
-quantized as KIVI quantizes raw K/V (a keep-all ThinK + KIVI equals a KIVI cache, tested).
+Storage is eigen's ProjectedKVCache (runtime/kv/eigen.py) with U_k = U_q the one-hot columns of
+`keep` and U_v = U_o = I: projecting onto one-hot columns is the gather above, so a token's row is
+[k_h[keep_h] for every head | v_h for every head], and decode steps run the xquant C++ kernel in
+its projected mode (scores over the kept channels straight from the store, no gather of the
+context). Quantized (`:kivi2` / `:kivi4` / `:kivi8`, ThinK §4 "ThinK + KIVI"): the same rows with
+KIVI's quantizer, keys per channel over blocks of G tokens, values per token in groups, an fp
+residual window and sinks, quantized as KIVI quantizes raw K/V (a keep-all ThinK + KIVI equals a
+KIVI cache, tested).
 
 Shorthand: `think:RATIO` (fraction of each KV head's key channels removed, 0 < RATIO < 1, rounded
 to the nearest channel; with RoPE the count must be even, whole pairs), `:fp16` / `:bf16` stores
@@ -36,13 +38,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ...compiler.spec import LayerSpec
 from ...errors import ConfigError
-from ..kvcache import DTYPES
 from . import KVChoice, KVKind, KVParams, register_kind
-from .dense import DenseKVCache
 from .eigen import (ProjectedKVCache, check_store, check_store_options, projected_bytes_held,
                     projected_bytes_per_token, projected_cost, store_label, store_options)
 
@@ -99,64 +98,33 @@ class ThinKParams(KVParams):
         self.removed(layer)
 
 
-class ThinKCache(DenseKVCache):
-    """The kept key channels (post-RoPE) and the full values, in buffers that grow by doubling
-    (as DenseKVCache); `keep` is read from the layer's KV state through the binding."""
+def kept_channels(layer: LayerSpec, binding) -> torch.Tensor:
+    """The layer's kept key channels `keep` (Hkv, Dk) int64 from its KV state, validated."""
+    st = binding.state() if binding is not None else {}
+    if "keep" not in st:
+        raise ConfigError(f"think: layer {getattr(binding, 'layer', '?')} has no kept-channel "
+                          "indices (kv_state); set the kind with the think pass "
+                          "(--kv think:RATIO)")
+    keep = st["keep"].long()
+    D, Hkv = layer.head_dim, layer.n_kv_heads
+    # an all-zero (never filled) or corrupted state would silently attend over channel 0
+    if (keep.dim() != 2 or keep.shape[0] != Hkv or not 1 <= keep.shape[1] <= D
+            or int(keep.min()) < 0 or int(keep.max()) >= D
+            or (keep.shape[1] > 1 and not bool((keep[:, 1:] > keep[:, :-1]).all()))):
+        raise ConfigError(f"think: layer {binding.layer}: 'keep' must be ({Hkv}, ≤{D}) "
+                          f"strictly increasing channel indices in [0, {D})")
+    return keep
 
-    def __init__(self, layer: LayerSpec, batch: int, binding):
-        super().__init__(layer, batch, binding)
-        st = binding.state() if binding is not None else {}
-        if "keep" not in st:
-            raise ConfigError(f"think: layer {getattr(binding, 'layer', '?')} has no kept-channel "
-                              "indices (kv_state); set the kind with the think pass "
-                              "(--kv think:RATIO)")
-        keep = st["keep"].long()
-        D, Hkv = layer.head_dim, layer.n_kv_heads
-        # an all-zero (never filled) or corrupted state would silently attend over channel 0
-        if (keep.dim() != 2 or keep.shape[0] != Hkv or not 1 <= keep.shape[1] <= D
-                or int(keep.min()) < 0 or int(keep.max()) >= D
-                or (keep.shape[1] > 1 and not bool((keep[:, 1:] > keep[:, :-1]).all()))):
-            raise ConfigError(f"think: layer {binding.layer}: 'keep' must be ({Hkv}, ≤{D}) "
-                              f"strictly increasing channel indices in [0, {D})")
-        self.keep = keep                                            # (Hkv, Dk)
-        # query head h reads KV head h // group (SDPA's enable_gqa / repeat_interleave layout)
-        self.q_keep = keep.repeat_interleave(layer.n_heads // Hkv, dim=0)   # (Hq, Dk)
-        self.dtype = DTYPES[layer.kv.params.dtype]
-        self.k = self.v = None
-        self.k_dim = keep.shape[1]
 
-    @staticmethod
-    def _gather(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """x (B, H, T, D) → (B, H, T, Dk): per head h the channels keep[h]."""
-        B, H, T, _ = x.shape
-        idx = keep.to(x.device)[None, :, None, :].expand(B, H, T, keep.shape[1])
-        return torch.gather(x, 3, idx)
-
-    def append(self, k, v):
-        """Store the new tokens (k/v (B, Hkv, T, D) post-RoPE): the kept key channels, all of V."""
-        T = k.shape[2]
-        self._reserve(self.length + T, v)
-        self.k[:, :, self.length : self.length + T] = self._gather(k, self.keep)
-        self.v[:, :, self.length : self.length + T] = v
-        self.length += T
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
-
-    def load(self, k, v, h=None):
-        self.append(k, v)
-
-    def nbytes(self) -> int:
-        if self.k is None:
-            return 0
-        return (self.k[:, :, : self.length].numel() * self.k.element_size()
-                + self.v[:, :, : self.length].numel() * self.v.element_size())
-
-    def attend(self, q, k, v, scale, mask, h=None, positions=None):
-        k_all, v_all = self.append(k, v)                      # (B, Hkv, S, Dk), (B, Hkv, S, D)
-        q_kept = self._gather(q, self.q_keep)                 # (B, Hq, T, Dk)
-        # SDPA takes a q·k width (Dk) other than V's (D); the scale stays the model's 1/√D
-        return F.scaled_dot_product_attention(
-            q_kept, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=mask, is_causal=mask is None,
-            scale=scale, enable_gqa=q.shape[1] != k_all.shape[1])
+def think_cache(layer: LayerSpec, batch: int, binding) -> ProjectedKVCache:
+    """ThinK's cache: eigen's ProjectedKVCache with U_k = U_q the one-hot columns of `keep` (a
+    token stores k[..., keep], a query is gathered the same way) and U_v = U_o = I (all of V), fp
+    or KIVI-quantized by the params. Decode steps run the xquant kernel's projected mode."""
+    keep = kept_channels(layer, binding)
+    D = layer.head_dim
+    onehot = torch.eye(D)[:, keep].permute(1, 0, 2).contiguous()       # (Hkv, D, Dk)
+    return ProjectedKVCache(layer, batch, binding, onehot,
+                            torch.eye(D).expand(layer.n_kv_heads, D, D))
 
 
 @register_kind
@@ -187,13 +155,7 @@ class ThinK(KVKind):
                         assign="think")
 
     def cache(self, layer, batch, binding):
-        if not layer.kv.params.bits:
-            return ThinKCache(layer, batch, binding)
-        cache = ThinKCache(layer, batch, binding)   # validates `keep`
-        D = layer.head_dim
-        onehot = torch.eye(D)[:, cache.keep].permute(1, 0, 2).contiguous()   # (Hkv, D, Dk)
-        return ProjectedKVCache(layer, batch, binding, onehot,
-                                torch.eye(D).expand(layer.n_kv_heads, D, D))
+        return think_cache(layer, batch, binding)
 
     def state_shapes(self, params, layer, hidden):
         return {"keep": ((layer.n_kv_heads, params.kept(layer)), "int64")}

@@ -201,6 +201,10 @@ def latent_bytes_held(p, rk: int, rv: int, v_group: int, token_scaled: bool,
 class XQuantCache(KVCache):
     """Latent store for one layer: [sink (fp) | quantized blocks | residual (fp)] in append order."""
 
+    #: False: the latent is rematerialized into K through B_k (then k_norm, RoPE); True: it holds
+    #: per-head key/value coordinates that queries in the basis read directly (ProjectedKVCache)
+    projected = False
+
     def __init__(self, layer: LayerSpec, batch: int, binding):
         super().__init__(layer, batch, binding)
         p = layer.kv.params
@@ -225,6 +229,7 @@ class XQuantCache(KVCache):
         self.v_cols = slice(self.rk, self.r) if split else slice(0, self.r)
         self.has_knorm = binding.has("k_norm")
         self.sink = self.res = None                 # (B, n, r) fp
+        self._res_buf = None                        # the fp window's storage (`_grow_res`)
         # the quantized store, one row per block of G tokens (dim 1), contiguous so the reference
         # dequantizes it in a few vector ops:
         #   codes   (B, nb, G·rk·bits/8) uint8, the per-channel part, channel-major in a block
@@ -264,11 +269,29 @@ class XQuantCache(KVCache):
             lat = lat[:, take:]
         if lat.shape[1] == 0:
             return
-        self.res = lat if self.res is None else torch.cat([self.res, lat], 1)
+        self._grow_res(lat)
         while self.res.shape[1] - self.R >= self.G:
-            blk, self.res = self.res[:, :self.G], self.res[:, self.G:].clone()
-            self._flush_block(blk.float())
+            blk, rest = self.res[:, :self.G].float().clone(), self.res[:, self.G:].clone()
+            self._res_buf[:, :rest.shape[1]] = rest
+            self.res = self._res_buf[:, :rest.shape[1]]
+            self._flush_block(blk)
             self.nb += 1
+
+    def _grow_res(self, lat: torch.Tensor) -> None:
+        """Append rows to the fp window. It lives in a buffer that grows by doubling (as
+        DenseKVCache's) and `res` is the held prefix of it: an fp latent (bits 0) keeps the whole
+        context there, and re-concatenating it at every decode step would copy the cache each
+        token (at 8k tokens that copy, not attention, dominated the step)."""
+        n, T = self._held(self.res), lat.shape[1]
+        buf = self._res_buf
+        if buf is None or buf.shape[1] < n + T:
+            cap = max(n + T, 2 * (0 if buf is None else buf.shape[1]), 64)
+            new = torch.empty(lat.shape[0], cap, lat.shape[2], dtype=lat.dtype)
+            if n:
+                new[:, :n] = self.res
+            self._res_buf = buf = new
+        buf[:, n:n + T] = lat
+        self.res = buf[:, :n + T]
 
     #: codes, fp16 scale and min of x reduced over a dim (x ≈ scale·code + min)
     quantize = staticmethod(quantize_minmax)
@@ -389,7 +412,7 @@ class XQuantCache(KVCache):
             # memory-efficient kernel (T×S logits of a long chunk would not fit); decode steps
             # never materialize V
             K = self.keys(lat_b)                                              # (B, H, S, D)
-            V = (lat_b[..., self.v_cols] @ self.Bv.T + self.bv).unflatten(-1, (self.H, D)).transpose(1, 2)
+            V = self.values(lat_b)
             return F.scaled_dot_product_attention(self.queries(q), K, V, attn_mask=mask,
                                                   scale=scale, enable_gqa=Hq != self.H).to(q.dtype)
         from .kivi import quantized_at
@@ -421,6 +444,10 @@ class XQuantCache(KVCache):
             pa = p * sel
             pl = self.mix_values(pa, va) + self.mix_values(p - pa, lat_b[..., self.v_cols])
         return self.values_out(pl).reshape(B, Hq, T, D).to(q.dtype)
+
+    def values(self, lat: torch.Tensor) -> torch.Tensor:
+        """V (B, H, S, D) of the latent (B, S, r): the prefill path's SDPA takes it whole."""
+        return (lat[..., self.v_cols] @ self.Bv.T + self.bv).unflatten(-1, (self.H, self.D)).transpose(1, 2)
 
     def mix_values(self, p: torch.Tensor, v_lat: torch.Tensor) -> torch.Tensor:
         """Attention weights p (B, H, r', T, S) applied to the V latent (B, S, rv): (B, H, r', T, rv)

@@ -17,6 +17,13 @@
 //   4. accumulates P·L_v in the latent (Hq × vn per task): V is never formed.
 // Tasks are merged with the online-softmax rule, then each query head's P·L_v is projected once
 // by B_v of its KV group and b_v is added (the softmax rows sum to 1).
+//
+// Projected mode (no B_k given: eigen, ThinK + KIVI, runtime/kv/eigen.py ProjectedKVCache): the
+// latent already holds each KV head's key coordinates, L[t, k_off + h·dk + j], and the caller
+// hands queries mapped into that basis (width dk), so step 2 is skipped (no k_norm, no RoPE: the
+// coordinates are of post-RoPE keys) and scores read the dequantized tile directly. The values are
+// per head too: query head of KV head h accumulates only L[t, v_off + h·vh .. + vh) and its output
+// is B_v,h (D × vh) of that, H× less work than mixing every head's coordinates.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -106,12 +113,14 @@ struct Args {
   // tcodes (B, nb, G*rv*bits/8), tscales (B, nb, 2, G, rv/gv)
   const uint8_t *codes, *tcodes;
   const Half *scales, *nscales, *tscales;
-  // factors: BkT (kn, kv), bk (kv), Bv (kv, vn), bv (kv); k_norm weight (D) or null;
-  // rope halves (B, S, D/2) or null; mask (B, S) or null
+  // factors: BkT (kn, kv) and bk (kv), or null (projected mode); Bv (kv, vh), bv (kv);
+  // k_norm weight (D) or null; rope halves (B, S, D/2) or null; mask (B, S) or null
   const float *BkT, *bk, *Bv, *bv, *knw, *cos, *sin;
   const bool* mask;
-  int64_t B, Hq, H, D, r, ns, nb, nr, G, rk, rv, gv, bits, k_off, kn, v_off, vn, S;
-  bool tok_scale;
+  // D: output head dim; dk: query/key width per head (D when K is rematerialized); vh: V latent
+  // channels a query head mixes (all vn shared channels, or its own KV head's vh when per_head_v)
+  int64_t B, Hq, H, D, dk, r, ns, nb, nr, G, rk, rv, gv, bits, k_off, kn, v_off, vh, S;
+  bool tok_scale, per_head_v;
   float scale, eps;
   int64_t nsplit;
 };
@@ -174,17 +183,41 @@ const float* tile_rows(const Args& a, const Tiles& tl, int64_t b, int64_t i, flo
   return buf;
 }
 
+// A rematerialized key of one head in place: k_norm, then RoPE at held row `row` (b·S + s).
+inline void finish_key(const Args& a, float* __restrict k, int64_t row) {
+  const int64_t D = a.D, half = D / 2;
+  if (a.knw) {
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; ++d) ss += k[d] * k[d];
+    const float inv = 1.f / std::sqrt(ss / (float)D + a.eps);
+    for (int64_t d = 0; d < D; ++d) k[d] = k[d] * inv * a.knw[d];
+  }
+  if (a.cos) {              // rotate_half layout: pairs (d, d + D/2) share one angle
+    const float* __restrict c = a.cos + row * half;
+    const float* __restrict s = a.sin + row * half;
+    for (int64_t d = 0; d < half; ++d) {
+      const float x1 = k[d], x2 = k[d + half];
+      k[d] = x1 * c[d] - x2 * s[d];
+      k[d + half] = x2 * c[d] + x1 * s[d];
+    }
+  }
+}
+
 // One task: tiles [t_lo, t_hi) of batch row b → per query head running max m, sum l and the
-// unnormalized P·L_v (vn floats).
+// unnormalized P·L_v (vh floats).
 void run_task(const Args& a, int64_t b, int64_t t_lo, int64_t t_hi, float* pm, float* pl,
               float* pacc) {
-  const int64_t Hq = a.Hq, H = a.H, D = a.D, rep = Hq / H, kv = H * D, half = D / 2, vn = a.vn;
+  const int64_t Hq = a.Hq, H = a.H, D = a.D, dk = a.dk, rep = Hq / H, vh = a.vh;
+  const bool remat = a.BkT != nullptr;
+  // rematerialized keys: row t, head h at K[t·kst + h·D]; projected: the tile's own latent rows
+  const int64_t kst = remat ? H * D : a.r;
   const Tiles tl(a);
   const int64_t TR = std::max<int64_t>(TILE, a.G);   // rows of the largest tile (a block of G)
-  std::vector<float> buf(TR * a.r), codes_f(TR * std::max(a.rk, a.rv)), K(TR * kv), z(Hq * TR);
+  std::vector<float> buf(TR * a.r), codes_f(TR * std::max(a.rk, a.rv)), z(Hq * TR);
+  std::vector<float> K(remat ? TR * kst : 0);
   for (int64_t h = 0; h < Hq; ++h) { pm[h] = NEG; pl[h] = 0.f; }
-  std::fill(pacc, pacc + Hq * vn, 0.f);
-  const float* q = a.q + b * Hq * D;
+  std::fill(pacc, pacc + Hq * vh, 0.f);
+  const float* q = a.q + b * Hq * dk;
   for (int64_t i = t_lo; i < t_hi; ++i) {
     int64_t s0, n;
     const float* L = tile_rows(a, tl, b, i, buf.data(), codes_f.data(), &s0, &n);
@@ -194,29 +227,16 @@ void run_task(const Args& a, int64_t b, int64_t t_lo, int64_t t_hi, float* pm, f
       for (int64_t t = 0; t < n; ++t) any |= mk[t];
       if (!any) continue;          // a sliding window that does not reach this tile
     }
-    gemm_tile(L + a.k_off, a.r, n, a.BkT, a.kn, kv, a.bk, K.data());
+    if (remat) gemm_tile(L + a.k_off, a.r, n, a.BkT, a.kn, kst, a.bk, K.data());
+    const float* Kt = remat ? K.data() : L + a.k_off;
     for (int64_t t = 0; t < n; ++t) {
       for (int64_t h = 0; h < H; ++h) {
-        float* __restrict k = K.data() + t * kv + h * D;
-        if (a.knw) {
-          float ss = 0.f;
-          for (int64_t d = 0; d < D; ++d) ss += k[d] * k[d];
-          const float inv = 1.f / std::sqrt(ss / (float)D + a.eps);
-          for (int64_t d = 0; d < D; ++d) k[d] = k[d] * inv * a.knw[d];
-        }
-        if (a.cos) {              // rotate_half layout: pairs (d, d + D/2) share one angle
-          const float* __restrict c = a.cos + (b * a.S + s0 + t) * half;
-          const float* __restrict s = a.sin + (b * a.S + s0 + t) * half;
-          for (int64_t d = 0; d < half; ++d) {
-            const float x1 = k[d], x2 = k[d + half];
-            k[d] = x1 * c[d] - x2 * s[d];
-            k[d + half] = x2 * c[d] + x1 * s[d];
-          }
-        }
+        if (remat) finish_key(a, K.data() + t * kst + h * D, b * a.S + s0 + t);
+        const float* __restrict k = Kt + t * kst + h * (remat ? D : dk);
         for (int64_t j = 0; j < rep; ++j) {
-          const float* __restrict qh = q + (h * rep + j) * D;
+          const float* __restrict qh = q + (h * rep + j) * dk;
           float dot = 0.f;
-          for (int64_t d = 0; d < D; ++d) dot += qh[d] * k[d];
+          for (int64_t d = 0; d < dk; ++d) dot += qh[d] * k[d];
           z[(h * rep + j) * TR + t] = (mk && !mk[t]) ? NEG : dot * a.scale;
         }
       }
@@ -227,16 +247,17 @@ void run_task(const Args& a, int64_t b, int64_t t_lo, int64_t t_hi, float* pm, f
       for (int64_t t = 0; t < n; ++t) mx = std::max(mx, zr[t]);
       if (mx == NEG) continue;
       const float corr = pm[hq] == NEG ? 0.f : std::exp(pm[hq] - mx);
-      float* __restrict acc = pacc + hq * vn;
+      float* __restrict acc = pacc + hq * vh;
       if (corr != 1.f)
-        for (int64_t c = 0; c < vn; ++c) acc[c] *= corr;
+        for (int64_t c = 0; c < vh; ++c) acc[c] *= corr;
       float l = pl[hq] * corr;
+      const int64_t v0 = a.v_off + (a.per_head_v ? (hq / rep) * vh : 0);
       for (int64_t t = 0; t < n; ++t) {
         if (zr[t] == NEG) continue;
         const float p = std::exp(zr[t] - mx);
         l += p;
-        const float* __restrict lv = L + t * a.r + a.v_off;
-        for (int64_t c = 0; c < vn; ++c) acc[c] += p * lv[c];
+        const float* __restrict lv = L + t * a.r + v0;
+        for (int64_t c = 0; c < vh; ++c) acc[c] += p * lv[c];
       }
       pm[hq] = mx;
       pl[hq] = l;
@@ -247,7 +268,7 @@ void run_task(const Args& a, int64_t b, int64_t t_lo, int64_t t_hi, float* pm, f
 }  // namespace
 
 // Returns (B, Hq, D) fp32. Empty tensors stand for absent parts (no sink, no k_norm, no RoPE,
-// no mask, no per-token channels).
+// no mask, no per-token channels; no BkT/bk: projected mode, q (B, Hq, dk) already in the basis).
 torch::Tensor xquant_decode(torch::Tensor q, torch::Tensor sink, torch::Tensor res,
                             torch::Tensor codes, torch::Tensor scales, torch::Tensor nscales,
                             torch::Tensor tcodes, torch::Tensor tscales, torch::Tensor BkT,
@@ -255,20 +276,29 @@ torch::Tensor xquant_decode(torch::Tensor q, torch::Tensor sink, torch::Tensor r
                             torch::Tensor knw, torch::Tensor cos, torch::Tensor sin,
                             torch::Tensor mask, int64_t nb, int64_t G, int64_t rk, int64_t rv,
                             int64_t gv, int64_t bits, bool tok_scale, int64_t k_off,
-                            int64_t v_off, int64_t H, double scale, double eps, int64_t nsplit) {
+                            int64_t v_off, int64_t H, double scale, double eps, int64_t nsplit,
+                            bool per_head_v) {
   for (const auto* t : {&q, &sink, &res, &BkT, &bk, &Bv, &bv, &knw, &cos, &sin})
     TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous(), "fp32 contiguous");
   TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8");
   Args a{};
-  a.B = q.size(0); a.Hq = q.size(1); a.D = q.size(2); a.H = H;
+  a.B = q.size(0); a.Hq = q.size(1); a.dk = q.size(2); a.H = H;
+  TORCH_CHECK(Bv.dim() == 2 && Bv.size(0) % H == 0, "Bv must be (H·D, vh)");
+  a.D = Bv.size(0) / H;
+  const bool remat = BkT.numel() > 0;
+  TORCH_CHECK(!remat || a.dk == a.D, "rematerialized keys: q must be head_dim wide");
+  TORCH_CHECK(remat || (knw.numel() == 0 && cos.numel() == 0), "projected mode: no k_norm/RoPE");
   a.r = sink.size(2);
   TORCH_CHECK(res.size(2) == a.r, "sink and residual rows differ in width");
   a.ns = sink.size(1); a.nr = res.size(1); a.nb = nb; a.G = G; a.rk = rk; a.rv = rv; a.gv = gv;
-  a.bits = bits; a.tok_scale = tok_scale; a.k_off = k_off; a.kn = BkT.size(0);
-  a.v_off = v_off; a.vn = Bv.size(1);
+  a.bits = bits; a.tok_scale = tok_scale; a.k_off = k_off; a.kn = remat ? BkT.size(0) : 0;
+  a.v_off = v_off; a.vh = Bv.size(1); a.per_head_v = per_head_v;
   a.S = a.ns + nb * G + a.nr;
-  TORCH_CHECK(BkT.size(1) == H * a.D && Bv.size(0) == H * a.D, "factor shapes");
-  TORCH_CHECK(a.Hq % H == 0 && a.D % 2 == 0, "head shapes");
+  TORCH_CHECK(!remat || (BkT.dim() == 2 && BkT.size(1) == H * a.D && bk.numel() == H * a.D),
+              "factor shapes");
+  TORCH_CHECK(k_off + (remat ? a.kn : H * a.dk) <= a.r &&
+              v_off + (per_head_v ? H : 1) * a.vh <= a.r, "latent columns out of range");
+  TORCH_CHECK(a.Hq % H == 0 && (!remat || a.D % 2 == 0), "head shapes");
   a.q = q.data_ptr<float>(); a.sink = sink.data_ptr<float>(); a.res = res.data_ptr<float>();
   if (nb) {
     a.codes = codes.data_ptr<uint8_t>();
@@ -279,7 +309,8 @@ torch::Tensor xquant_decode(torch::Tensor q, torch::Tensor sink, torch::Tensor r
       a.tscales = reinterpret_cast<const Half*>(tscales.data_ptr<at::Half>());
     }
   }
-  a.BkT = BkT.data_ptr<float>(); a.bk = bk.data_ptr<float>();
+  a.BkT = remat ? BkT.data_ptr<float>() : nullptr;
+  a.bk = remat ? bk.data_ptr<float>() : nullptr;
   a.Bv = Bv.data_ptr<float>(); a.bv = bv.data_ptr<float>();
   a.knw = knw.numel() ? knw.data_ptr<float>() : nullptr;
   a.cos = cos.numel() ? cos.data_ptr<float>() : nullptr;
@@ -290,7 +321,7 @@ torch::Tensor xquant_decode(torch::Tensor q, torch::Tensor sink, torch::Tensor r
   const Tiles tl(a);
   const int64_t ntiles = tl.count(a);
   a.nsplit = std::max<int64_t>(1, std::min(nsplit, ntiles));
-  const int64_t Hq = a.Hq, vn = a.vn, D = a.D, rep = Hq / H, tasks = a.B * a.nsplit;
+  const int64_t Hq = a.Hq, vn = a.vh, D = a.D, rep = Hq / H, tasks = a.B * a.nsplit;
   std::vector<float> pm(tasks * Hq), pl(tasks * Hq), pacc(tasks * Hq * vn);
   at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
