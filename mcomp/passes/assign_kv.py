@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from ..compiler import ir
 from ..compiler.passes import PASSES, STAGES, Pass, PassConfig, PassResult, register_pass
@@ -128,6 +128,43 @@ class CalibratedKVPass(Pass):
         if ctx is None:
             raise ConfigError(f"{self.name}: needs calibration text (run it through optimize, "
                               "or apply_kv_flag with the model's tokenizer)")
+
+
+@dataclass(frozen=True)
+class KVShorthandConfig(PassConfig):
+    """The config of a calibrating KV pass: the `--kv` shorthand of the kind it sets (KIND)."""
+    KIND: ClassVar[str] = ""
+    kv: str = ""
+    version: int = 1
+
+    def __post_init__(self):
+        if parse_kv(self.kv).spec.kind != self.KIND:
+            raise ConfigError(f"{self.KIND} pass: kv '{self.kv}' is not a {self.KIND} shorthand")
+
+    def params(self):
+        return parse_kv(self.kv).spec.params
+
+
+def attention_input_stats(gm, ctx, init: Callable, update: Callable) -> tuple[list, int]:
+    """Per layer, statistics of what its attention node receives over the calibration windows,
+    layer by layer (LayerwiseRunner: one layer's activations alive at a time): acc = init(layer
+    spec), then update(acc, q, k, v) per batch with the post-RoPE q (B, Hq, T, D), k, v
+    (B, Hkv, T, D). Returns (the accumulators, the number of calibration tokens)."""
+    from ..compiler.calibrate import LayerwiseRunner
+    runner = LayerwiseRunner(gm, ctx.calibration_batches())
+    out, n = [], 0
+    for i, ls in enumerate(ir.get_spec(gm).layers):
+        attn = next(x for x in ir.nodes_by_role(gm, "attn") if x.meta["mcomp"].layer == i)
+        acc, seen = init(ls), [0]
+
+        def collect(node, args, _out, attn=attn, acc=acc, seen=seen):
+            if node is attn:        # args = (q, k, v, h)
+                update(acc, *args[:3])
+                seen[0] += args[1].shape[0] * args[1].shape[2]
+        runner.advance(i, collect)
+        out.append(acc)
+        n = seen[0]
+    return out, n
 
 
 def check_input_is_kv_input(gm, layer: int, kind: str) -> None:

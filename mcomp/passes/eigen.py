@@ -42,60 +42,46 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ..compiler import ir
-from ..compiler.calibrate import LayerwiseRunner
-from ..compiler.passes import PassConfig, PassResult, register_pass
+from ..compiler.passes import PassResult, register_pass
 from ..compiler.spec import KVSpec
-from ..errors import ConfigError
-from ..runtime.kv import model_bytes_per_token, parse_kv
+from ..runtime.kv import model_bytes_per_token
 from ..runtime.kv.eigen import RANK_STEP, EigenParams
 from ..runtime.kv.xquant import weight_of
 from ..runtime.kvcache import KVBinding
-from .assign_kv import CalibratedKVPass
+from .assign_kv import CalibratedKVPass, KVShorthandConfig, attention_input_stats
 
 log = logging.getLogger("mcomp.passes")
 
 
 @dataclass(frozen=True)
-class EigenConfig(PassConfig):
+class EigenConfig(KVShorthandConfig):
+    KIND: ClassVar[str] = "eigen"
     kv: str = "eigen:0.1"          # the `--kv eigen:...` shorthand
-    version: int = 1
-
-    def __post_init__(self):
-        spec = parse_kv(self.kv).spec
-        if spec.kind != "eigen":
-            raise ConfigError(f"eigen pass: kv '{self.kv}' is not an eigen shorthand")
 
     def params(self) -> EigenParams:
-        return parse_kv(self.kv).spec.params
+        return super().params()
 
 
 def attention_moments(gm, ctx) -> tuple[list[dict[str, torch.Tensor]], int]:
     """(per layer {"k", "v": Σ_t x_tᵀx_t per KV head, "q": the same summed over each KV head's
     query heads}, each (Hkv, D, D) float64, over the post-RoPE queries and keys and the values
     the attention node receives; the number of tokens t)."""
-    spec = ir.get_spec(gm)
-    runner = LayerwiseRunner(gm, ctx.calibration_batches())
-    out = []
-    for i, ls in enumerate(spec.layers):
-        attn = next(n for n in ir.nodes_by_role(gm, "attn") if n.meta["mcomp"].layer == i)
-        H, D = ls.n_kv_heads, ls.head_dim
-        acc = {n: torch.zeros(H, D, D, dtype=torch.float64) for n in "qkv"}
-        acc["n"] = 0
+    def init(ls):
+        return {n: torch.zeros(ls.n_kv_heads, ls.head_dim, ls.head_dim, dtype=torch.float64)
+                for n in "qkv"}
 
-        def collect(node, args, _out, attn=attn, acc=acc, H=H):
-            if node is attn:        # args = (q (B, Hq, T, D), k (B, Hkv, T, D), v, h)
-                for name, x in zip("qkv", args[:3]):
-                    B, Hx, T, D = x.shape          # query head h belongs to KV head h // group
-                    x = x.double().view(B, H, Hx // H, T, D).transpose(0, 1).reshape(H, -1, D)
-                    acc[name] += x.transpose(1, 2) @ x
-                acc["n"] += args[1].shape[0] * args[1].shape[2]
-        runner.advance(i, collect)
-        out.append({n: acc[n] for n in "qkv"})
-    return out, acc["n"]
+    def update(acc, *qkv):
+        for name, x in zip("qkv", qkv):
+            B, Hx, T, D = x.shape              # query head h belongs to KV head h // group
+            H = acc[name].shape[0]
+            x = x.double().view(B, H, Hx // H, T, D).transpose(0, 1).reshape(H, -1, D)
+            acc[name] += x.transpose(1, 2) @ x
+    return attention_input_stats(gm, ctx, init, update)
 
 
 def output_metric(gm, layer: int, ls) -> torch.Tensor:

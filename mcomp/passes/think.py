@@ -28,55 +28,41 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ..compiler import ir
-from ..compiler.calibrate import LayerwiseRunner
-from ..compiler.passes import PassConfig, PassResult, register_pass
+from ..compiler.passes import PassResult, register_pass
 from ..compiler.spec import KVSpec
-from ..errors import ConfigError
-from ..runtime.kv import model_bytes_per_token, parse_kv
+from ..runtime.kv import model_bytes_per_token
 from ..runtime.kv.think import ThinKParams
-from .assign_kv import CalibratedKVPass
+from .assign_kv import CalibratedKVPass, KVShorthandConfig, attention_input_stats
 
 log = logging.getLogger("mcomp.passes")
 
 
 @dataclass(frozen=True)
-class ThinKConfig(PassConfig):
+class ThinKConfig(KVShorthandConfig):
+    KIND: ClassVar[str] = "think"
     kv: str = "think:0.5"          # the `--kv think:...` shorthand
-    version: int = 1
-
-    def __post_init__(self):
-        spec = parse_kv(self.kv).spec
-        if spec.kind != "think":
-            raise ConfigError(f"think pass: kv '{self.kv}' is not a think shorthand")
 
     def params(self) -> ThinKParams:
-        return parse_kv(self.kv).spec.params
+        return super().params()
 
 
 def qk_energies(gm, ctx) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
     """(per layer (Σ_t q², (Hq, D); Σ_t k², (Hkv, D)) in float64, the number of tokens t): the
     squared channel norms of the post-RoPE queries and keys the attention node receives, over
     the calibration windows."""
-    spec = ir.get_spec(gm)
-    runner = LayerwiseRunner(gm, ctx.calibration_batches())
-    out = []
-    for i, ls in enumerate(spec.layers):
-        attn = next(n for n in ir.nodes_by_role(gm, "attn") if n.meta["mcomp"].layer == i)
-        acc = {"q": torch.zeros(ls.n_heads, ls.head_dim, dtype=torch.float64),
-               "k": torch.zeros(ls.n_kv_heads, ls.head_dim, dtype=torch.float64), "n": 0}
+    def init(ls):
+        return (torch.zeros(ls.n_heads, ls.head_dim, dtype=torch.float64),
+                torch.zeros(ls.n_kv_heads, ls.head_dim, dtype=torch.float64))
 
-        def collect(node, args, _out, attn=attn, acc=acc):
-            if node is attn:        # args = (q (B, Hq, T, D), k (B, Hkv, T, D), v, h)
-                acc["q"] += args[0].double().pow(2).sum((0, 2))
-                acc["k"] += args[1].double().pow(2).sum((0, 2))
-                acc["n"] += args[1].shape[0] * args[1].shape[2]
-        runner.advance(i, collect)
-        out.append((acc["q"], acc["k"]))
-    return out, acc["n"]
+    def update(acc, q, k, v):
+        acc[0].add_(q.double().pow(2).sum((0, 2)))
+        acc[1].add_(k.double().pow(2).sum((0, 2)))
+    return attention_input_stats(gm, ctx, init, update)
 
 
 def channel_scores(q2: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ import dataclasses
 import pytest
 import torch
 
-from mcomp.codegen import load_artifact, save_artifact
 from mcomp.compiler import ir
 from mcomp.compiler.manager import PassManager
 from mcomp.errors import ConfigError
@@ -19,8 +18,8 @@ from mcomp.runtime.kv import KV_KINDS, bytes_held, parse_kv
 from mcomp.runtime.kv.eigen import EigenParams, ProjectedKVCache
 from mcomp.runtime.kv.kivi import KIVICache, KIVIParams
 from mcomp.runtime.kvcache import AttentionState, KVBinding
-from tests.helpers import small_ctx, tiny_gm, tiny_spec
-from tests.runtime.test_think import _AllChannels, tok_dir  # noqa: F401  (fixture)
+from tests.helpers import kv_map_reference, kv_state_round_trip, small_ctx, tiny_gm, tiny_spec
+from tests.runtime.test_think import _AllChannels
 from tests.runtime.test_xquant import run_cached
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,29 +61,15 @@ def calibration_qkv(gm):
 
 
 def projected_reference(gm, ids, state, monkeypatch):
-    """Logits of the no-cache forward with every layer's attention replaced by a pure-torch
-    oracle: k → k·Uk·Uqᵀ and v → v·Uv·Uoᵀ per KV head (q·(k Uk Uqᵀ)ᵀ = (q Uq)·(k Uk)ᵀ is what the
-    cache computes), explicit causal softmax with the model's scale."""
-    spec = ir.get_spec(gm)
-    for i, ls in enumerate(spec.layers):
-        mod = gm.get_submodule(f"layers.{i}.attn")
-        Pk = state[i]["Uk"] @ state[i]["Uq"].transpose(1, 2)          # (Hkv, D, D)
-        Pv = state[i]["Uv"] @ state[i]["Uo"].transpose(1, 2)
-
-        def fwd(q, k, v, h, state=None, Pk=Pk, Pv=Pv, scale=mod.scale):
-            g = q.shape[1] // k.shape[1]
-            k = torch.einsum("bhtd,hde->bhte", k, Pk).repeat_interleave(g, 1)
-            v = torch.einsum("bhtd,hde->bhte", v, Pv).repeat_interleave(g, 1)
-            s = (q @ k.transpose(-1, -2)) * scale
-            T = q.shape[2]
-            s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
-            return (s.softmax(-1) @ v).transpose(1, 2).flatten(2)
-        monkeypatch.setattr(mod, "forward", fwd)
-    try:
-        with torch.inference_mode():
-            return gm(ids, torch.arange(ids.shape[1])[None], None)
-    finally:
-        monkeypatch.undo()
+    """The no-cache forward with k → k·Uk·Uqᵀ and v → v·Uv·Uoᵀ per KV head
+    (q·(k Uk Uqᵀ)ᵀ = (q Uq)·(k Uk)ᵀ is what the cache computes)."""
+    maps = []
+    for st in state:
+        Pk = st["Uk"] @ st["Uq"].transpose(1, 2)                     # (Hkv, D, D)
+        Pv = st["Uv"] @ st["Uo"].transpose(1, 2)
+        maps.append(lambda k, v, Pk=Pk, Pv=Pv: (torch.einsum("bhtd,hde->bhte", k, Pk),
+                                                torch.einsum("bhtd,hde->bhte", v, Pv)))
+    return kv_map_reference(gm, ids, maps, monkeypatch)
 
 
 @pytest.mark.parametrize("spec_kw", [{}, {"qk_norm": True, "qkv_bias": True}])
@@ -284,20 +269,11 @@ def test_params_round_trip_and_state_shapes():
     assert c.flops == 2 * 4 * 100 * 24 + 2 * 4 * 16 * 24
 
 
-def test_artifact_round_trip_keeps_the_bases(tmp_path, tok_dir):  # noqa: F811
+def test_artifact_round_trip_keeps_the_bases(tmp_path):
     gm, _ = eigen_gm("eigen:0.3:kivi2:g8:r8")
-    path = save_artifact(gm, tmp_path / "art", tokenizer_dir=tok_dir, source="tiny")
-    art = load_artifact(path)
-    sa, sb = gm.state_dict(), art.gm.state_dict()
-    assert {k for k in sb if ".kv_state." in k} == {f"layers.{i}.kv_state.{n}"
-                                                   for i in (0, 1) for n in ("Uk", "Uq", "Uv", "Uo")}
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
-    assert ir.get_spec(art.gm).layers[1].kv == ir.get_spec(gm).layers[1].kv
-    _, a, _ = run_cached(gm, IDS)
-    _, b, _ = run_cached(art.gm, IDS)
-    # the same tensors (checked above); only GEMM blocking over the differently aligned mmap'd
-    # copies differs: fp32 rounding of logits, a few ulps of their magnitude
+    a, b = kv_state_round_trip(gm, tmp_path, ["Uk", "Uq", "Uv", "Uo"],
+                               lambda m: run_cached(m, IDS)[1])
+    # fp32 rounding of logits, a few ulps of their magnitude
     torch.testing.assert_close(a, b, rtol=0, atol=4e-6 * a.abs().max().item())
 
 

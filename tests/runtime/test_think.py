@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-from mcomp.codegen import load_artifact, save_artifact
 from mcomp.compiler import ir
 from mcomp.compiler.manager import PassManager
 from mcomp.compiler.spec import KVSpec, RopeSpec
@@ -19,7 +18,7 @@ from mcomp.passes.assign_kv import AssignKV, AssignKVConfig, kv_passes
 from mcomp.runtime.kv import KV_KINDS, bytes_held, parse_kv
 from mcomp.runtime.kv.think import ThinKParams, think_cache
 from mcomp.runtime.kvcache import AttentionState, KVBinding
-from tests.helpers import small_ctx, tiny_gm, tiny_spec
+from tests.helpers import kv_map_reference, kv_state_round_trip, small_ctx, tiny_gm, tiny_spec
 from tests.runtime.test_xquant import run_cached
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,29 +37,13 @@ def keeps(gm):
 
 
 def masked_reference(gm, ids, keep_per_layer, monkeypatch):
-    """Logits of the no-cache forward with every layer's attention replaced by a pure-torch
-    oracle: keys zeroed outside the kept channels (so q·k sums over kept channels only), explicit
-    causal softmax with the model's scale, times the full V."""
-    spec = ir.get_spec(gm)
-    for i, ls in enumerate(spec.layers):
-        mod = gm.get_submodule(f"layers.{i}.attn")
-        m = torch.zeros(ls.n_kv_heads, ls.head_dim)
-        m.scatter_(1, keep_per_layer[i], 1.0)
-
-        def fwd(q, k, v, h, state=None, m=m, scale=mod.scale):
-            g = q.shape[1] // k.shape[1]
-            k = (k * m[None, :, None, :]).repeat_interleave(g, 1)
-            v = v.repeat_interleave(g, 1)
-            s = (q @ k.transpose(-1, -2)) * scale
-            T = q.shape[2]
-            s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
-            return (s.softmax(-1) @ v).transpose(1, 2).flatten(2)
-        monkeypatch.setattr(mod, "forward", fwd)
-    try:
-        with torch.inference_mode():
-            return gm(ids, torch.arange(ids.shape[1])[None], None)
-    finally:
-        monkeypatch.undo()
+    """The no-cache forward with keys zeroed outside the kept channels (so q·k sums over kept
+    channels only, the model's scale kept), times the full V."""
+    maps = []
+    for ls, keep in zip(ir.get_spec(gm).layers, keep_per_layer):
+        m = torch.zeros(ls.n_kv_heads, ls.head_dim).scatter_(1, keep, 1.0)
+        maps.append(lambda k, v, m=m: (k * m[None, :, None, :], v))
+    return kv_map_reference(gm, ids, maps, monkeypatch)
 
 
 def oracle_scores(gm):
@@ -301,29 +284,10 @@ def test_kind_accounting_and_state_shapes():
     assert ThinKParams.from_dict(p.to_dict()) == p
 
 
-@pytest.fixture
-def tok_dir(tmp_path):
-    d = tmp_path / "hf"
-    d.mkdir()
-    (d / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
-    (d / "tokenizer_config.json").write_text('{"bos_token": "<s>"}')
-    (d / "special_tokens_map.json").write_text("{}")
-    return d
-
-
-def test_artifact_round_trip_keeps_keep(tmp_path, tok_dir):
+def test_artifact_round_trip_keeps_keep(tmp_path):
     gm, _ = think_gm("think:0.5:bf16")
-    path = save_artifact(gm, tmp_path / "art", tokenizer_dir=tok_dir, source="tiny")
-    art = load_artifact(path)
-    sa, sb = gm.state_dict(), art.gm.state_dict()
-    assert {k for k in sb if ".kv_state." in k} == {"layers.0.kv_state.keep",
-                                                   "layers.1.kv_state.keep"}
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
-    assert sb["layers.0.kv_state.keep"].dtype == torch.int64
-    assert ir.get_spec(art.gm).layers[0].kv == ir.get_spec(gm).layers[0].kv
-    _, a, _ = run_cached(gm, IDS)
-    _, b, _ = run_cached(art.gm, IDS)
+    a, b = kv_state_round_trip(gm, tmp_path, ["keep"], lambda m: run_cached(m, IDS)[1])
+    assert gm.state_dict()["layers.0.kv_state.keep"].dtype == torch.int64
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

@@ -259,8 +259,36 @@ def projected_cost(p: StoreParams, layer: LayerSpec, rk: int, rv: int, context: 
     return KVCost(bytes_read=read, flops=flops)
 
 
+class ProjectedKind(KVKind):
+    """A kind whose cache is a ProjectedKVCache: its accounting and verification follow from the
+    per-head ranks (`head_ranks`) and whether queries and outputs go through dense bases
+    (`dense_bases`; ThinK's one-hot columns are a gather, no GEMM)."""
+
+    dense_bases = True
+
+    def head_ranks(self, params, layer) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def bytes_per_token(self, params, layer):
+        return projected_bytes_per_token(params, layer, *self.head_ranks(params, layer))
+
+    def bytes_held(self, params, layer, n_tokens):
+        return projected_bytes_held(params, layer, *self.head_ranks(params, layer), n_tokens)
+
+    def cost(self, params, layer, context):
+        return projected_cost(params, layer, *self.head_ranks(params, layer), context,
+                              bases=self.dense_bases)
+
+    def verify_steps(self, params):
+        # quantized: past the residual window and two flushed blocks; fp: a few decode steps
+        return (params.residual + 2 * params.group_size) if params.bits else 4
+
+    def lossless(self, params):
+        return False
+
+
 @register_kind
-class Eigen(KVKind):
+class Eigen(ProjectedKind):
     name = "eigen"
     Params = EigenParams
     syntax = "eigen:ERR|RANK[:kivi2|:kivi4|:kivi8:gN:rN:sN][:fp16|:bf16][:aware|:pca]"
@@ -307,17 +335,5 @@ class Eigen(KVKind):
         return {"Uk": ((H, D, rk), "float32"), "Uq": ((H, D, rk), "float32"),
                 "Uv": ((H, D, rv), "float32"), "Uo": ((H, D, rv), "float32")}
 
-    def bytes_per_token(self, params, layer):
-        return projected_bytes_per_token(params, layer, *params.ranks(layer))
-
-    def bytes_held(self, params, layer, n_tokens):
-        return projected_bytes_held(params, layer, *params.ranks(layer), n_tokens)
-
-    def cost(self, params, layer, context):
-        return projected_cost(params, layer, *params.ranks(layer), context, bases=True)
-
-    def verify_steps(self, params):
-        return (params.residual + 2 * params.group_size) if params.bits else 4
-
-    def lossless(self, params):
-        return False
+    def head_ranks(self, params, layer):
+        return params.ranks(layer)

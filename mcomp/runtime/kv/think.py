@@ -41,9 +41,9 @@ import torch
 
 from ...compiler.spec import LayerSpec
 from ...errors import ConfigError
-from . import KVChoice, KVKind, KVParams, register_kind
-from .eigen import (ProjectedKVCache, check_store, check_store_options, projected_bytes_held,
-                    projected_bytes_per_token, projected_cost, store_label, store_options)
+from . import KVChoice, KVParams, register_kind
+from .eigen import (ProjectedKind, ProjectedKVCache, check_store, check_store_options, store_label,
+                    store_options)
 
 
 @dataclass(frozen=True)
@@ -128,11 +128,12 @@ def think_cache(layer: LayerSpec, batch: int, binding) -> ProjectedKVCache:
 
 
 @register_kind
-class ThinK(KVKind):
+class ThinK(ProjectedKind):
     name = "think"
     Params = ThinKParams
     syntax = "think:RATIO[:fp16|:bf16][:kivi2|:kivi4|:kivi8:gN:rN:sN]"
     needs_binding = True          # the cache reads `keep` from the layer's KV state
+    dense_bases = False           # q·Kᵀ over the kept channels (q gathered), P·V over all of V
     loads_kv = True               # load() gathers the kept channels of the given K
 
     def parse(self, arg, options, text):
@@ -160,19 +161,5 @@ class ThinK(KVKind):
     def state_shapes(self, params, layer, hidden):
         return {"keep": ((layer.n_kv_heads, params.kept(layer)), "int64")}
 
-    def bytes_per_token(self, params, layer):
-        return projected_bytes_per_token(params, layer, params.kept(layer), layer.head_dim)
-
-    def bytes_held(self, params, layer, n_tokens):
-        return projected_bytes_held(params, layer, params.kept(layer), layer.head_dim, n_tokens)
-
-    def cost(self, params, layer, context):
-        # q·Kᵀ over the kept channels (q gathered, no basis GEMM), P·V over all of them
-        return projected_cost(params, layer, params.kept(layer), layer.head_dim, context,
-                              bases=False)
-
-    def verify_steps(self, params):
-        return (params.residual + 2 * params.group_size) if params.bits else 4
-
-    def lossless(self, params):
-        return False
+    def head_ranks(self, params, layer):
+        return params.kept(layer), layer.head_dim
