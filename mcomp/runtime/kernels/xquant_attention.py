@@ -30,7 +30,7 @@ import torch
 from .jit import CFLAGS, LDFLAGS, JitExtension
 
 _SRC = Path(__file__).with_name("csrc") / "xquant_attention.cpp"
-_NAME = "mcomp_xquant_attention_v2"
+_NAME = "mcomp_xquant_attention_v4"
 
 KERNEL = JitExtension("xquant attention kernel", "MCOMP_NO_XQUANT_KERNEL", lambda ext: ext.load(
     name=_NAME, sources=[str(_SRC)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=False))
@@ -120,10 +120,12 @@ def _nsplit(B: int, ntiles: int) -> int:
     return n
 
 
-def decode(cache, q: torch.Tensor, scale: float, mask) -> torch.Tensor:
-    """q (B, Hq, 1, D) over the cache's stored state → (B, Hq, 1, D)."""
+def decode(cache, q: torch.Tensor, scale: float, mask, with_lse: bool = False):
+    """q (B, Hq, 1, D) over the cache's stored state → (B, Hq, 1, D) at q's dtype, and with
+    `with_lse` each head's log-sum-exp of its scaled logits (B, Hq, 1, 1) fp32 as well."""
     mod = load()
     B, Hq, _, D = q.shape                         # D: the output's head_dim
+    dtype = q.dtype
     f32, u8, f16 = torch.float32, torch.uint8, torch.float16
     r = cache.r
 
@@ -154,9 +156,10 @@ def decode(cache, q: torch.Tensor, scale: float, mask) -> torch.Tensor:
     ns = 0 if cache.sink is None else cache.sink.shape[1]
     nr = 0 if cache.res is None else cache.res.shape[1]
     ntiles = -(-ns // 32) + cache.nb + -(-nr // 32)
-    out = mod.xquant_decode(q.reshape(B, Hq, -1).float().contiguous(), fp(cache.sink),
+    out, lse = mod.xquant_decode(q.reshape(B, Hq, -1).float().contiguous(), fp(cache.sink),
                             fp(cache.res), codes, scales, nscales, tcodes, tscales, BkT, bk, Bv,
                             bv, knw, cos, sin, m, cache.nb, cache.G, cache.rk, cache.rv, cache.gv,
                             cache.bits, bool(cache.tok_scale), k_off, v_off, cache.H, float(scale),
                             eps, _nsplit(B, ntiles), cache.projected)
-    return out.view(B, Hq, 1, D).to(q.dtype)
+    out = out.view(B, Hq, 1, D).to(dtype)
+    return (out, lse.view(B, Hq, 1, 1)) if with_lse else out

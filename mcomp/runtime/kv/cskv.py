@@ -123,6 +123,11 @@ class CSKVCache(PaluCache):
                 raise ConfigError("cskv: quantize-before-attend runs on whole windows from an "
                                   "empty cache")
             return self._attend_streaming(q, k, v, lat_new, store, scale, mask)
+        if T == 1:
+            out = self.fast_decode(q, scale, mask)
+            self.last_path = "reference" if out is None else "kernel"
+            if out is not None:
+                return out
         ns = store.shape[1]
         KS = self.keys(store).float()                                   # (B, H, ns, D)
         KW, VW = self.win_k.float(), self.win_v.float()
@@ -194,7 +199,27 @@ class CSKVCache(PaluCache):
         return out.reshape(B, Hq, T, D).to(q.dtype)
 
     def fast_decode(self, q, scale, mask):
-        return None
+        """One decode step as two softmaxes merged by their log-sum-exp: the store's columns
+        through the xquant kernel (K rematerialized tile by tile from the packed latent, V in the
+        latent), the window's exact K/V in torch (≤ `window` columns). None when the kernel does
+        not apply."""
+        from ..kernels import xquant_attention as xa
+        if not xa.use_kernel(self):
+            return None
+        B, Hq, _, D = q.shape
+        ns, rep = self.n_held - self.n_win, Hq // self.H
+        mask = mask.reshape(mask.shape[0], -1).expand(B, -1)              # (B, S)
+        lw = torch.einsum("bhrd,bhsd->bhrs", q.float().view(B, self.H, rep, D),
+                          self.win_k.float()) * scale
+        lw = lw.masked_fill(~mask[:, None, None, ns:], float("-inf"))
+        out = torch.softmax(lw, -1).nan_to_num(0.) @ self.win_v.float()        # (B, H, rep, D)
+        out = out.reshape(B, Hq, 1, D)
+        if ns:
+            out_s, lse_s = xa.decode(self, q, scale, mask[:, None, None, :ns], with_lse=True)
+            lse = torch.stack([lse_s.float(), lw.logsumexp(-1).reshape(B, Hq, 1, 1)])
+            w = torch.softmax(lse, 0).nan_to_num(0.)                      # the two parts' mass
+            out = w[0] * out_s.float() + w[1] * out
+        return out.to(q.dtype)
 
 
 @register_kind

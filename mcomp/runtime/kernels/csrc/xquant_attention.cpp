@@ -183,12 +183,26 @@ const float* tile_rows(const Args& a, const Tiles& tl, int64_t b, int64_t i, flo
   return buf;
 }
 
+// a·b over n floats in 16 independent partial sums: without -ffast-math the compiler keeps a
+// float reduction in source order (one serial FMA chain, ~4 cycles a channel); as lanes it becomes
+// one vector FMA per 16 channels. The score of every (token, query head) is such a dot, so at 8k
+// tokens this loop is most of a decode step.
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float acc[16] = {0.f};
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[d + j] * b[d + j];
+  float s = 0.f;
+  for (; d < n; ++d) s += a[d] * b[d];
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  return s;
+}
+
 // A rematerialized key of one head in place: k_norm, then RoPE at held row `row` (b·S + s).
 inline void finish_key(const Args& a, float* __restrict k, int64_t row) {
   const int64_t D = a.D, half = D / 2;
   if (a.knw) {
-    float ss = 0.f;
-    for (int64_t d = 0; d < D; ++d) ss += k[d] * k[d];
+    const float ss = dot(k, k, D);
     const float inv = 1.f / std::sqrt(ss / (float)D + a.eps);
     for (int64_t d = 0; d < D; ++d) k[d] = k[d] * inv * a.knw[d];
   }
@@ -234,10 +248,8 @@ void run_task(const Args& a, int64_t b, int64_t t_lo, int64_t t_hi, float* pm, f
         if (remat) finish_key(a, K.data() + t * kst + h * D, b * a.S + s0 + t);
         const float* __restrict k = Kt + t * kst + h * (remat ? D : dk);
         for (int64_t j = 0; j < rep; ++j) {
-          const float* __restrict qh = q + (h * rep + j) * dk;
-          float dot = 0.f;
-          for (int64_t d = 0; d < dk; ++d) dot += qh[d] * k[d];
-          z[(h * rep + j) * TR + t] = (mk && !mk[t]) ? NEG : dot * a.scale;
+          z[(h * rep + j) * TR + t] =
+              (mk && !mk[t]) ? NEG : dot(q + (h * rep + j) * dk, k, dk) * a.scale;
         }
       }
     }
@@ -267,9 +279,11 @@ void run_task(const Args& a, int64_t b, int64_t t_lo, int64_t t_hi, float* pm, f
 
 }  // namespace
 
-// Returns (B, Hq, D) fp32. Empty tensors stand for absent parts (no sink, no k_norm, no RoPE,
+// Returns the output (B, Hq, D) fp32 and each query head's log-sum-exp of its scaled logits (B, Hq)
+// (−inf where every column is masked), so a caller can merge this softmax with one over columns
+// held elsewhere (cskv's exact window). Empty tensors stand for absent parts (no sink, no k_norm, no RoPE,
 // no mask, no per-token channels; no BkT/bk: projected mode, q (B, Hq, dk) already in the basis).
-torch::Tensor xquant_decode(torch::Tensor q, torch::Tensor sink, torch::Tensor res,
+std::vector<torch::Tensor> xquant_decode(torch::Tensor q, torch::Tensor sink, torch::Tensor res,
                             torch::Tensor codes, torch::Tensor scales, torch::Tensor nscales,
                             torch::Tensor tcodes, torch::Tensor tscales, torch::Tensor BkT,
                             torch::Tensor bk, torch::Tensor Bv, torch::Tensor bv,
@@ -332,6 +346,8 @@ torch::Tensor xquant_decode(torch::Tensor q, torch::Tensor sink, torch::Tensor r
   });
   auto out = torch::empty({a.B, Hq, D}, torch::kFloat32);
   float* o = out.data_ptr<float>();
+  auto lse = torch::empty({a.B, Hq}, torch::kFloat32);
+  float* lo = lse.data_ptr<float>();
   std::vector<float> lat(vn);
   for (int64_t b = 0; b < a.B; ++b)
     for (int64_t hq = 0; hq < Hq; ++hq) {
@@ -348,6 +364,7 @@ torch::Tensor xquant_decode(torch::Tensor q, torch::Tensor sink, torch::Tensor r
         for (int64_t c = 0; c < vn; ++c) lat[c] += w * pa[c];
       }
       const float inv = l > 0.f ? 1.f / l : 0.f;
+      lo[b * Hq + hq] = l > 0.f ? m + std::log(l) : NEG;
       const int64_t h = hq / rep;
       float* oh = o + (b * Hq + hq) * D;
       for (int64_t d = 0; d < D; ++d) {
@@ -357,7 +374,7 @@ torch::Tensor xquant_decode(torch::Tensor q, torch::Tensor sink, torch::Tensor r
         oh[d] = s * inv + a.bv[h * D + d];
       }
     }
-  return out;
+  return {out, lse};
 }
 
 bool xquant_simd() {
