@@ -7,7 +7,7 @@ latent; only at the end is each query head's P·L_v projected by B_v. Peak scrat
 tile's latent and keys (max(32, G) × (r + kv_dim) floats): no K or V of the whole context exists.
 
 The same kernel runs caches that store per-head coordinates of the keys and values instead
-(`cache.projected`: eigen and ThinK + KIVI, runtime/kv/eigen.py ProjectedKVCache): the query is
+(`cache.projected`: eigen and ThinK, runtime/kv/eigen.py ProjectedKVCache): the query is
 mapped into the key basis here, the scores read the coordinates without rematerializing anything,
 and each query head mixes only its KV head's value coordinates before its decoder U_o.
 
@@ -72,8 +72,8 @@ def remat_factors(cache):
 
 
 def projected_factors(cache):
-    """The same for a cache whose latent holds per-head key and value coordinates (eigen, ThinK +
-    KIVI): no B_k, B_v the per-head decoders stacked (H·D, r_v), no bias, norm or RoPE."""
+    """The same for a cache whose latent holds per-head key and value coordinates (eigen,
+    ThinK): no B_k, B_v the per-head decoders stacked (H·D, r_v), no bias, norm or RoPE."""
     f = getattr(cache, "_kernel_factors", None)
     if f is None:
         e = torch.empty(0)

@@ -117,17 +117,17 @@ class CSKVCache(PaluCache):
         S = self.n_held
         if mask is None:
             mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
+        if T == 1:      # before latent(): the kernel reads the packed store itself
+            out = self.fast_decode(q, scale, mask)
+            self.last_path = "reference" if out is None else "kernel"
+            if out is not None:
+                return out
         store = self.latent()                                           # (B, S − w, r), as held
         if T > 1 and self.quantize_before_attend:
             if L:
                 raise ConfigError("cskv: quantize-before-attend runs on whole windows from an "
                                   "empty cache")
             return self._attend_streaming(q, k, v, lat_new, store, scale, mask)
-        if T == 1:
-            out = self.fast_decode(q, scale, mask)
-            self.last_path = "reference" if out is None else "kernel"
-            if out is not None:
-                return out
         ns = store.shape[1]
         KS = self.keys(store).float()                                   # (B, H, ns, D)
         KW, VW = self.win_k.float(), self.win_v.float()

@@ -18,7 +18,7 @@
 // Tasks are merged with the online-softmax rule, then each query head's P·L_v is projected once
 // by B_v of its KV group and b_v is added (the softmax rows sum to 1).
 //
-// Projected mode (no B_k given: eigen, ThinK + KIVI, runtime/kv/eigen.py ProjectedKVCache): the
+// Projected mode (no B_k given: eigen, ThinK, runtime/kv/eigen.py ProjectedKVCache): the
 // latent already holds each KV head's key coordinates, L[t, k_off + h·dk + j], and the caller
 // hands queries mapped into that basis (width dk), so step 2 is skipped (no k_norm, no RoPE: the
 // coordinates are of post-RoPE keys) and scores read the dequantized tile directly. The values are
