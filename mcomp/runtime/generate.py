@@ -16,6 +16,7 @@ from torch import fx
 
 from ..compiler.ir import get_spec
 from ..errors import ConfigError
+from .fastdecode import fast_decoder
 from .kvcache import AttentionState
 
 log = logging.getLogger("mcomp.runtime")
@@ -150,6 +151,7 @@ def decode_steps(gm: fx.GraphModule, prompts: Sequence[Sequence[int]], *, max_ne
     if stats is not None:
         stats.prefill_seconds = t_prefill
 
+    fast = fast_decoder(gm, state) if max_new_tokens > 1 else None   # None: the graph runs steps
     for step in range(max_new_tokens):
         is_eos = torch.isin(tok, eos) if stop_at_eos else torch.zeros_like(finished)
         emit = ~finished & ~is_eos                              # (B,)
@@ -162,9 +164,12 @@ def decode_steps(gm: fx.GraphModule, prompts: Sequence[Sequence[int]], *, max_ne
         t0 = time.perf_counter()
         with torch.inference_mode():
             feed = torch.where(finished, pad_id, tok)[:, None]  # (B, 1)
-            pos = next_pos[:, None]                             # (B, 1)
-            state.begin(pos, ~finished[:, None])
-            logits = gm(feed, pos, state)[:, -1]                # (B, V)
+            if fast is not None:                                # B == 1 and not finished
+                logits = fast.step(feed)                        # (1, V)
+            else:
+                pos = next_pos[:, None]                         # (B, 1)
+                state.begin(pos, ~finished[:, None])
+                logits = gm(feed, pos, state)[:, -1]            # (B, V)
             tok = select_next(logits, temperature, top_p, generator)
         next_pos += 1
         if stats is not None:

@@ -261,3 +261,18 @@ def int8_bf16(m, x: torch.Tensor) -> torch.Tensor:
 INT4_TINYGEMM_BF16 = register_linear_kernel(
     LinearKernel("int4_tinygemm_bf16", _int4_applies, int4_tinygemm_bf16))
 INT8_BF16 = register_linear_kernel(LinearKernel("int8_bf16", _int8_applies, int8_bf16))
+
+
+def prepared_operands(m) -> tuple[str, _Prepared] | None:
+    """("int4" | "int8", the prepared layout) of the fast kernel that runs `m`, or None when `m`
+    runs the reference kernel: lets another executor (runtime/fastdecode.py) call the same op on
+    the same operands, with results bit-identical to this module's kernels."""
+    from . import _FORCE_REFERENCE, select_linear_kernel
+    if _FORCE_REFERENCE:
+        return None
+    k = m._kernel or select_linear_kernel(m)
+    if k is INT4_TINYGEMM_BF16:
+        return "int4", _prepared(m, "int4", _int4_build)
+    if k is INT8_BF16:
+        return "int8", _prepared(m, "int8", _int8_build)
+    return None

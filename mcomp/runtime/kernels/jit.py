@@ -21,10 +21,11 @@ LDFLAGS = ["-fopenmp"]
 
 class JitExtension:
     """`what` names the kernel in messages; `disable_env` turns it off; `build(cpp_extension)`
-    returns the compiled module."""
+    returns the compiled module; `fallback` names what runs instead (said once, in the warning)."""
 
-    def __init__(self, what: str, disable_env: str, build: Callable):
-        self.what, self.disable_env, self.build = what, disable_env, build
+    def __init__(self, what: str, disable_env: str, build: Callable,
+                 fallback: str = "the reference attention"):
+        self.what, self.disable_env, self.build, self.fallback = what, disable_env, build, fallback
         self.module = None
         self.error: str | None = None
 
@@ -43,7 +44,7 @@ class JitExtension:
             self.module = self.build(cpp_extension)
         except Exception as e:  # compiler, ninja, headers: report once and fall back
             self.error = f"{self.what} unavailable: {type(e).__name__}: {str(e)[:300]}"
-            log.warning("%s; using the reference attention", self.error)
+            log.warning("%s; using %s", self.error, self.fallback)
             raise KernelUnavailable(self.error) from None
         return self.module
 

@@ -1,0 +1,371 @@
+// One decode step of a whole canonical model (mcomp/compiler/model.py) for one token of one
+// sequence, in C++: the per-token cost is kernels, not the Python interpreter walking ~800 IR
+// nodes (runtime/fastdecode.py lowers a model to this engine and says when it may).
+//
+// Per layer, with x the residual stream (H floats):
+//   h = rmsnorm(x)·w_attn;  q|k|v = linears(h);  [q, k = per-head rmsnorm];  q, k = rope(pos)
+//   K[n], V[n] = k, v  (written into the dense cache's own buffers, (1, Hkv, cap, D) fp32)
+//   a = softmax(scale · q·Kᵀ[lo..n]) · V[lo..n]   (GQA; lo > 0 on sliding-window layers)
+//   o = linear(a);  [o = rmsnorm(o)·w];  x += o
+//   h = rmsnorm(x)·w_mlp;  m = down(act(gate(h)) · up(h))  (or down(act(up(h))));  [norm]; x += m
+// then logits = head(rmsnorm(x)·w_final) [· softcap].
+//
+// Linears call the same ATen ops as the Python kernels (runtime/kernels/cpu_int.py) with the same
+// prepared layouts and the same bf16 rounding of x, so a quantized linear gives bit-identical
+// results here and in the graph; fp32 linears call at::linear. Norms, RoPE, activations and
+// attention are this file's loops, in fp32; they differ from torch's only in summation order.
+//
+// Attention is split over (KV head, chunk of CHUNK tokens) tasks so both threads work at short
+// and long context alike; each task keeps, for the rep query heads of its KV head, a running max,
+// sum and P·V (the K/V rows are read once for all rep heads), and the chunks are merged by the
+// log-sum-exp rule. exp is a vectorizable polynomial (|rel err| < 4e-7), not
+// std::exp, which GCC will not vectorize without -ffast-math.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t CHUNK = 256;      // tokens per attention task
+constexpr int LANES = 16;           // independent partial sums: lets the compiler vectorize dots
+const float NEG = -std::numeric_limits<float>::infinity();
+
+// exp(x) for float, branch-free so a loop over it vectorizes: x = n·ln2 + r with |r| ≤ ln2/2
+// (Cody-Waite: ln2 in two parts, so r is exact to fp32 even at |x| ≈ 88), e^r by its Taylor
+// polynomial to degree 7 (truncation < 1e-8), 2^n in the exponent bits. Inputs below -87 give 0.
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, 4);
+  bits += static_cast<int32_t>(n) << 23;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return x <= -87.0f ? 0.0f : out;
+}
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float acc[LANES] = {0};
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES)
+    for (int l = 0; l < LANES; ++l) acc[l] += a[i + l] * b[i + l];
+  float s = 0;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int l = 0; l < LANES; ++l) s += acc[l];
+  return s;
+}
+
+// y = x / rms(x) · w over n floats (in place allowed)
+inline void rmsnorm(const float* x, const float* w, float* y, int64_t n, float eps) {
+  const float ms = dot(x, x, n) / static_cast<float>(n);
+  const float r = 1.0f / std::sqrt(ms + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] * r) * w[i];
+}
+
+enum Act : int64_t { SILU = 0, GELU = 1, GELU_TANH = 2, RELU = 3 };
+
+inline float act(float x, int64_t kind) {
+  switch (kind) {
+    case SILU: return x / (1.0f + fast_exp(-x));
+    case GELU: return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f));
+    case GELU_TANH: {
+      const float u = 0.79788456080286536f * (x + 0.044715f * x * x * x);
+      const float th = 1.0f - 2.0f / (fast_exp(2.0f * u) + 1.0f);   // tanh(u)
+      return 0.5f * x * (1.0f + th);
+    }
+    default: return x > 0 ? x : 0.0f;
+  }
+}
+
+}  // namespace
+
+// A linear in the layout of one of the Python kernels (cpu_int.py). kind: 0 fp32 (w (N, K)),
+// 1 int4 tinygemm (w packed, s = scales-and-zeros (Kp/go, Np, 2) bf16, go = op group),
+// 2 int8 per-channel (w (N, Kp) int8, s (N,) bf16, corr = optional zero-point correction (N,)).
+struct Lin {
+  int64_t kind = 0, K = 0, Kp = 0, N = 0, Np = 0, go = 0;
+  at::Tensor w, s, corr, bias;
+
+  at::Tensor operator()(const at::Tensor& x) const {   // x (1, K) fp32 → (1, N) fp32
+    if (kind == 0) return bias.defined() ? at::linear(x, w, bias) : at::linear(x, w);
+    at::Tensor xb = x.to(at::kBFloat16);
+    if (Kp != K) xb = at::constant_pad_nd(xb, {0, Kp - K});
+    at::Tensor y;
+    if (kind == 1) {
+      y = at::_weight_int4pack_mm_for_cpu(xb.contiguous(), w, go, s);
+      if (Np != N) y = y.narrow(1, 0, N);
+    } else {
+      y = at::_weight_int8pack_mm(xb.contiguous(), w, s);
+      if (corr.defined()) y = at::addr(y.to(at::kFloat), xb.sum(-1, false, at::kFloat), corr);
+    }
+    if (bias.defined()) y = at::add(y, bias);
+    return y.to(at::kFloat).contiguous();
+  }
+};
+
+struct Layer {
+  int64_t Hq = 0, Hkv = 0, D = 0, F = 0;
+  int64_t window = 0;          // 0: global attention
+  int64_t rope = -1;           // index of the rotary table, -1: no RoPE
+  double scale = 1.0;
+  at::Tensor attn_norm, q_norm, k_norm, post_attn_norm, mlp_norm, post_mlp_norm;  // undefined: absent
+  std::vector<Lin> qkv;        // outputs concatenated in order: q | k | v
+  Lin o;
+  std::vector<Lin> gate_up;    // outputs concatenated: gate | up (gated), up (plain)
+  Lin down;
+  at::Tensor kbuf, vbuf;       // the dense cache's buffers (1, Hkv, cap, D) fp32
+};
+
+namespace {
+
+// softmax(scale·q·Kᵀ)·V over cache rows [lo, hi) for every query head; q (Hq·D), out (Hq·D).
+void attend(const Layer& L, const float* q, int64_t lo, int64_t hi, float* out) {
+  const int64_t D = L.D, Hkv = L.Hkv, rep = L.Hq / L.Hkv, cap = L.kbuf.size(2);
+  const int64_t S = hi - lo, nchunk = (S + CHUNK - 1) / CHUNK;
+  const float* K = L.kbuf.data_ptr<float>();
+  const float* V = L.vbuf.data_ptr<float>();
+  const float scale = static_cast<float>(L.scale);
+  // per (task, rep head): max, sum, acc[D]
+  std::vector<float> part(static_cast<size_t>(Hkv * nchunk * rep * (D + 2)));
+  at::parallel_for(0, Hkv * nchunk, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> sc(static_cast<size_t>(rep * CHUNK));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t / nchunk, c = t % nchunk;
+      const int64_t a = lo + c * CHUNK, b = std::min(hi, a + CHUNK), n = b - a;
+      const float* Kg = K + (g * cap + a) * D;
+      const float* Vg = V + (g * cap + a) * D;
+      float* P = part.data() + t * rep * (D + 2);
+      for (int64_t r = 0; r < rep; ++r) {
+        const float* qh = q + (g * rep + r) * D;
+        float* s = sc.data() + r * CHUNK;
+        float m = NEG;
+        for (int64_t j = 0; j < n; ++j) {
+          s[j] = dot(qh, Kg + j * D, D) * scale;
+          m = std::max(m, s[j]);
+        }
+        float l = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          s[j] = fast_exp(s[j] - m);
+          l += s[j];
+        }
+        P[r * (D + 2)] = m;
+        P[r * (D + 2) + 1] = l;
+        std::fill(P + r * (D + 2) + 2, P + (r + 1) * (D + 2), 0.0f);
+      }
+      for (int64_t j = 0; j < n; ++j) {          // each V row read once for all rep heads
+        const float* v = Vg + j * D;
+        for (int64_t r = 0; r < rep; ++r) {
+          const float p = sc[r * CHUNK + j];
+          float* acc = P + r * (D + 2) + 2;
+          for (int64_t d = 0; d < D; ++d) acc[d] += p * v[d];
+        }
+      }
+    }
+  });
+  for (int64_t g = 0; g < Hkv; ++g)
+    for (int64_t r = 0; r < rep; ++r) {
+      float M = NEG;
+      for (int64_t c = 0; c < nchunk; ++c) M = std::max(M, part[((g * nchunk + c) * rep + r) * (D + 2)]);
+      float* o = out + (g * rep + r) * D;
+      std::fill(o, o + D, 0.0f);
+      float l = 0;
+      for (int64_t c = 0; c < nchunk; ++c) {
+        const float* P = part.data() + ((g * nchunk + c) * rep + r) * (D + 2);
+        const float w = std::exp(P[0] - M);
+        l += w * P[1];
+        for (int64_t d = 0; d < D; ++d) o[d] += w * P[2 + d];
+      }
+      const float inv = 1.0f / l;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+}
+
+// half-split RoPE (rotate_half) of every head of x (H heads × D) with cos/sin (D/2 each)
+void rope(float* x, int64_t H, int64_t D, const float* c, const float* s) {
+  const int64_t h2 = D / 2;
+  for (int64_t h = 0; h < H; ++h) {
+    float* a = x + h * D;
+    float* b = a + h2;
+    for (int64_t i = 0; i < h2; ++i) {
+      const float x1 = a[i], x2 = b[i];
+      a[i] = x1 * c[i] - x2 * s[i];
+      b[i] = x2 * c[i] + x1 * s[i];
+    }
+  }
+}
+
+at::Tensor run_all(const std::vector<Lin>& lins, const at::Tensor& x) {
+  if (lins.size() == 1) return lins[0](x);
+  std::vector<at::Tensor> ys;
+  for (const auto& l : lins) ys.push_back(l(x));
+  return at::cat(ys, 1);
+}
+
+}  // namespace
+
+struct Engine {
+  std::vector<Layer> layers;
+  std::vector<at::Tensor> inv_freq;    // one per rotary table (D/2 fp32)
+  at::Tensor final_norm;
+  Lin head;
+  double eps = 1e-5;
+  int64_t act_kind = SILU;
+  bool gated = true;
+  double softcap = 0.0;                // 0: none
+
+  void add_layer(const Layer& l) { layers.push_back(l); }
+
+  void set_kv(int64_t i, at::Tensor k, at::Tensor v) {
+    TORCH_CHECK(k.scalar_type() == at::kFloat && k.is_contiguous() && v.is_contiguous() &&
+                k.dim() == 4 && k.size(0) == 1 && k.sizes() == v.sizes(),
+                "decode engine: layer ", i, " KV buffers must be contiguous fp32 (1, Hkv, cap, D)");
+    layers.at(i).kbuf = k;
+    layers.at(i).vbuf = v;
+  }
+
+  // x (1, H) fp32: the embedded token; n: tokens the caches hold (the new one is written at row
+  // n, which is also its position). Returns logits (1, V) fp32.
+  at::Tensor step(at::Tensor x, int64_t n) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(0) == 1,
+                "decode engine: x must be (1, hidden) fp32");
+    x = x.contiguous().clone();
+    const float eps_f = static_cast<float>(eps);
+    const int64_t H = x.size(1);
+    // cos/sin of position n for every rotary table
+    std::vector<std::vector<float>> cs(inv_freq.size()), sn(inv_freq.size());
+    for (size_t t = 0; t < inv_freq.size(); ++t) {
+      const float* f = inv_freq[t].data_ptr<float>();
+      const int64_t h2 = inv_freq[t].numel();
+      cs[t].resize(h2);
+      sn[t].resize(h2);
+      for (int64_t i = 0; i < h2; ++i) {
+        const float a = static_cast<float>(n) * f[i];
+        cs[t][i] = std::cos(a);
+        sn[t][i] = std::sin(a);
+      }
+    }
+    at::Tensor h = at::empty({1, H}, x.options());
+    float* xp = x.data_ptr<float>();
+    float* hp = h.data_ptr<float>();
+    for (const Layer& L : layers) {
+      const int64_t D = L.D, qd = L.Hq * D, kd = L.Hkv * D;
+      TORCH_CHECK(L.kbuf.defined() && n < L.kbuf.size(2), "decode engine: KV buffer too small");
+      rmsnorm(xp, L.attn_norm.data_ptr<float>(), hp, H, eps_f);
+      at::Tensor qkv = run_all(L.qkv, h);                    // (1, qd + 2 kd)
+      float* q = qkv.data_ptr<float>();
+      float* k = q + qd;
+      const float* v = k + kd;
+      if (L.q_norm.defined()) {
+        for (int64_t i = 0; i < L.Hq; ++i) rmsnorm(q + i * D, L.q_norm.data_ptr<float>(), q + i * D, D, eps_f);
+        for (int64_t i = 0; i < L.Hkv; ++i) rmsnorm(k + i * D, L.k_norm.data_ptr<float>(), k + i * D, D, eps_f);
+      }
+      if (L.rope >= 0) {
+        rope(q, L.Hq, D, cs[L.rope].data(), sn[L.rope].data());
+        rope(k, L.Hkv, D, cs[L.rope].data(), sn[L.rope].data());
+      }
+      const int64_t cap = L.kbuf.size(2);
+      float* K = L.kbuf.data_ptr<float>();
+      float* V = L.vbuf.data_ptr<float>();
+      for (int64_t g = 0; g < L.Hkv; ++g) {
+        std::memcpy(K + (g * cap + n) * D, k + g * D, D * sizeof(float));
+        std::memcpy(V + (g * cap + n) * D, v + g * D, D * sizeof(float));
+      }
+      const int64_t lo = L.window > 0 ? std::max<int64_t>(0, n - L.window + 1) : 0;
+      at::Tensor a = at::empty({1, qd}, x.options());
+      attend(L, q, lo, n + 1, a.data_ptr<float>());
+      at::Tensor o = L.o(a);
+      float* op = o.data_ptr<float>();
+      if (L.post_attn_norm.defined()) rmsnorm(op, L.post_attn_norm.data_ptr<float>(), op, H, eps_f);
+      for (int64_t i = 0; i < H; ++i) xp[i] += op[i];
+      rmsnorm(xp, L.mlp_norm.data_ptr<float>(), hp, H, eps_f);
+      at::Tensor gu = run_all(L.gate_up, h);
+      const float* g = gu.data_ptr<float>();
+      at::Tensor m_in = at::empty({1, L.F}, x.options());
+      float* mi = m_in.data_ptr<float>();
+      if (gated) {
+        const float* u = g + L.F;
+        for (int64_t i = 0; i < L.F; ++i) mi[i] = act(g[i], act_kind) * u[i];
+      } else {
+        for (int64_t i = 0; i < L.F; ++i) mi[i] = act(g[i], act_kind);
+      }
+      at::Tensor m = L.down(m_in);
+      float* mp = m.data_ptr<float>();
+      if (L.post_mlp_norm.defined()) rmsnorm(mp, L.post_mlp_norm.data_ptr<float>(), mp, H, eps_f);
+      for (int64_t i = 0; i < H; ++i) xp[i] += mp[i];
+    }
+    rmsnorm(xp, final_norm.data_ptr<float>(), hp, H, eps_f);
+    at::Tensor logits = head(h);
+    if (softcap > 0) logits = at::tanh(logits / softcap) * softcap;
+    return logits;
+  }
+};
+
+// Pure-loop attention over explicit rows, exposed for the kernel-vs-reference test.
+at::Tensor attention_only(at::Tensor q, at::Tensor kbuf, at::Tensor vbuf, int64_t lo, int64_t hi,
+                          double scale) {
+  Layer L;
+  L.Hq = q.size(0) / kbuf.size(3);
+  L.Hkv = kbuf.size(1);
+  L.D = kbuf.size(3);
+  L.scale = scale;
+  L.kbuf = kbuf.contiguous();
+  L.vbuf = vbuf.contiguous();
+  q = q.contiguous();
+  at::Tensor out = at::empty_like(q);
+  attend(L, q.data_ptr<float>(), lo, hi, out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor exp_only(at::Tensor x) {
+  x = x.contiguous();
+  at::Tensor y = at::empty_like(x);
+  const float* a = x.data_ptr<float>();
+  float* b = y.data_ptr<float>();
+  for (int64_t i = 0; i < x.numel(); ++i) b[i] = fast_exp(a[i]);
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  py::class_<Lin>(m, "Lin")
+      .def(py::init<>())
+      .def_readwrite("kind", &Lin::kind).def_readwrite("K", &Lin::K).def_readwrite("Kp", &Lin::Kp)
+      .def_readwrite("N", &Lin::N).def_readwrite("Np", &Lin::Np).def_readwrite("go", &Lin::go)
+      .def_readwrite("w", &Lin::w).def_readwrite("s", &Lin::s).def_readwrite("corr", &Lin::corr)
+      .def_readwrite("bias", &Lin::bias)
+      .def("__call__", &Lin::operator());
+  py::class_<Layer>(m, "Layer")
+      .def(py::init<>())
+      .def_readwrite("Hq", &Layer::Hq).def_readwrite("Hkv", &Layer::Hkv).def_readwrite("D", &Layer::D)
+      .def_readwrite("F", &Layer::F).def_readwrite("window", &Layer::window)
+      .def_readwrite("rope", &Layer::rope).def_readwrite("scale", &Layer::scale)
+      .def_readwrite("attn_norm", &Layer::attn_norm).def_readwrite("q_norm", &Layer::q_norm)
+      .def_readwrite("k_norm", &Layer::k_norm).def_readwrite("post_attn_norm", &Layer::post_attn_norm)
+      .def_readwrite("mlp_norm", &Layer::mlp_norm).def_readwrite("post_mlp_norm", &Layer::post_mlp_norm)
+      .def_readwrite("qkv", &Layer::qkv).def_readwrite("o", &Layer::o)
+      .def_readwrite("gate_up", &Layer::gate_up).def_readwrite("down", &Layer::down);
+  py::class_<Engine>(m, "Engine")
+      .def(py::init<>())
+      .def_readwrite("inv_freq", &Engine::inv_freq).def_readwrite("final_norm", &Engine::final_norm)
+      .def_readwrite("head", &Engine::head).def_readwrite("eps", &Engine::eps)
+      .def_readwrite("act_kind", &Engine::act_kind).def_readwrite("gated", &Engine::gated)
+      .def_readwrite("softcap", &Engine::softcap)
+      .def("add_layer", &Engine::add_layer)
+      .def("set_kv", &Engine::set_kv)
+      .def("step", &Engine::step, py::call_guard<py::gil_scoped_release>());
+  m.def("attention", &attention_only, "decode attention over rows [lo, hi) of (1, Hkv, cap, D) buffers");
+  m.def("fast_exp", &exp_only, "the kernel's polynomial exp, for its accuracy test");
+}
