@@ -443,6 +443,44 @@ def bench_decode(model, preset, kv, ctx, steps, threads, out_file, no_write, as_
         out.print(kd.to_markdown(res).split("\n```json")[0])
 
 
+@bench.command("anchors")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="A built-in model (its GGUF feeds llama.cpp).")
+@click.option("--ctx", "ctxs", multiple=True, type=click.IntRange(2), default=(128, 2048),
+              show_default=True, help="Decode context length(s); repeat for several.")
+@click.option("--weights", "weights", multiple=True, default=("int4", "rtn:4:g128:emb8"),
+              show_default=True, help="mcomp preset or --weights spec per row; repeat for several.")
+@click.option("--llama-quant", "llama_quants", multiple=True, default=("Q4_0", "shipped"),
+              show_default=True, help="llama.cpp file type per row (requantized by llama.cpp), "
+              "or 'shipped' for the model's own GGUF.")
+@click.option("--llama-kv", "llama_kv", multiple=True, default=("f16",), show_default=True,
+              type=click.Choice(["f16", "q8_0", "q4_0"]), help="llama.cpp KV cache type(s).")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--steps", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--out", "out_file", default="docs/benchmarks.md", show_default=True,
+              type=click.Path(dir_okay=False), help="Markdown file whose anchors section is replaced.")
+@click.option("--no-write", is_flag=True, help="Do not write the markdown section.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_anchors(model, ctxs, weights, llama_quants, llama_kv, threads, rounds, steps, out_file,
+                  no_write, as_json):
+    """mcomp vs llama.cpp on the same checkpoint, threads and tokens, in one run: prefill and
+    decode tok/s, fraction of the bandwidth bound, peak RSS."""
+    import sys
+
+    from ..bench import anchors as ab
+    cfg = ab.AnchorConfig(model=model, threads=threads, contexts=tuple(ctxs), steps=steps,
+                          rounds=rounds, mcomp_weights=tuple(weights),
+                          llama_quants=tuple(llama_quants), llama_kv=tuple(llama_kv))
+    with _progress("bench", enabled=not as_json) as update:
+        res = ab.run(cfg, progress=lambda text: update(0, None, text))
+    if not no_write:
+        ab.write_report(res, out_file, "mcomp bench " + " ".join(sys.argv[2:]))
+    if as_json:
+        out.print_json(json.dumps(res))
+    else:
+        out.print(ab.to_markdown(res))
+
+
 @bench.command("attention")
 @click.option("--ctx", "ctxs", multiple=True, type=click.IntRange(1), default=(4096, 16384, 32768),
               show_default=True, help="Context length(s); repeat the option for several.")

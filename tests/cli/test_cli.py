@@ -132,3 +132,13 @@ def test_out_refuses_foreign_directory(tiny_hf, tmp_path):
 def test_debug_shows_traceback(tmp_path):
     r = mcomp("--debug", "run", tmp_path / "missing", "--prompt", "x")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_bench_anchors_bad_input(tmp_path, tiny_hf):
+    """anchors need a built-in model (its GGUF is llama.cpp's input): a folder is refused in one
+    line, before anything is compiled or run."""
+    r = mcomp("bench", "anchors", "--model", tiny_hf, "--no-write", cwd=tmp_path)
+    if "llama-cpp-python" in r.stderr:          # not installed here: that is the one-line error
+        one_line_error(r, 2, "llama-cpp-python", "docs/benchmarks.md")
+    else:
+        one_line_error(r, 2, "built-in model", "smollm2-135m")
