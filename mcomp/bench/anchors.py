@@ -110,7 +110,8 @@ def _mcomp_child(name: str, artifact: str, cfg: AnchorConfig, q) -> None:
 
         res = {"config": name, "runtime": "mcomp", "threads": torch.get_num_threads(),
                "weight_bytes": ir.weight_bytes(gm)}
-        kv_per_token = sum(2 * l.kv_dim * 4 for l in spec.layers)
+        from mcomp.runtime.kv import model_bytes_per_token
+        kv_per_token = model_bytes_per_token(spec)
         with torch.inference_mode():
             ids = _tokens(cfg.prefill, spec.vocab_size)
             prefill(ids[:, :32])
@@ -202,9 +203,11 @@ def run(cfg: AnchorConfig = AnchorConfig(), progress=None) -> dict:
     for w in cfg.mcomp_weights:
         if progress:
             progress(f"compiling mcomp {w}")
-        preset, weights = (w, None) if ":" not in w else (None, w)
-        api.optimize(cfg.model, preset, weights=weights, out=tmp / w.replace(":", "_"))
-        jobs.append((f"mcomp {w}", _mcomp_child, (str(tmp / w.replace(":", "_")),)))
+        spec, _, kv = w.partition("+")             # "WEIGHTS+KV": a row with a KV representation
+        preset, weights = (spec, None) if ":" not in spec else (None, spec)
+        out = tmp / w.replace(":", "_").replace("+", "__")
+        api.optimize(cfg.model, preset, weights=weights, kv=kv or None, out=out)
+        jobs.append((f"mcomp {w}", _mcomp_child, (str(out),)))
     for qn in cfg.llama_quants:
         gguf = shipped if qn == "shipped" else requantize(shipped, tmp / f"{qn}.gguf", qn)
         label = shipped.stem.rsplit(".", 1)[-1] if qn == "shipped" else qn

@@ -448,7 +448,8 @@ def bench_decode(model, preset, kv, ctx, steps, threads, out_file, no_write, as_
 @click.option("--ctx", "ctxs", multiple=True, type=click.IntRange(2), default=(128, 2048),
               show_default=True, help="Decode context length(s); repeat for several.")
 @click.option("--weights", "weights", multiple=True, default=("int4", "rtn:4:g128:emb8"),
-              show_default=True, help="mcomp preset or --weights spec per row; repeat for several.")
+              show_default=True, help="mcomp preset or --weights spec per row, optionally +KV (e.g. "
+              "rtn:4:g128:emb8+kivi4); repeat for several.")
 @click.option("--llama-quant", "llama_quants", multiple=True, default=("Q4_0", "shipped"),
               show_default=True, help="llama.cpp file type per row (requantized by llama.cpp), "
               "or 'shipped' for the model's own GGUF.")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 from torch import fx, nn
@@ -78,7 +79,11 @@ def _lin(ext, m: nn.Module, where: str):
         raise Unsupported(f"{where}: {m.scheme.label()} runs the reference kernel")
     kind, p = op
     lin.K, lin.Kp, lin.N, lin.Np = p.K, p.Kp, p.N, p.Np
-    if kind == "int4":
+    if kind == "int_dot":
+        codes, s, zs, g = p.tensors
+        lin.kind, lin.w, lin.s, lin.zs, lin.bits, lin.g = 3, codes, s, zs, m.scheme.bits, g
+        lin.G = s.shape[1]
+    elif kind == "int4":
         packed, sz, go = p.tensors
         lin.kind, lin.w, lin.s, lin.go = 1, packed, sz, go
     else:
@@ -87,7 +92,7 @@ def _lin(ext, m: nn.Module, where: str):
         if corr is not None:
             lin.corr = corr
     if m.bias is not None:
-        lin.bias = m.bias.float()
+        lin.bias = m.bias.float().contiguous()
     return lin
 
 
@@ -182,6 +187,8 @@ def fast_decoder(gm: fx.GraphModule, state) -> FastDecoder | None:
         from . import kernels
         if kernels._FORCE_REFERENCE:
             raise Unsupported("kernels forced to reference mode")
+        if os.environ.get("MCOMP_NO_FAST_DECODE"):
+            raise Unsupported("disabled by MCOMP_NO_FAST_DECODE")
         if state.batch != 1:
             raise Unsupported(f"batch {state.batch}")
         n = state.length

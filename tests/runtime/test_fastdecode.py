@@ -4,14 +4,15 @@ graph on the same model and state, which is its reference.
 Tolerances. What differs between the paths is the summation order of norms and attention and
 the polynomial exp (|rel err| < 2e-7):
   - fp32 models: ≤ 1e-5 · max|logit| at every one of 40 steps (measured ≤ 1.1e-6);
-  - quantized models: the engine's quantized linears call the same ops on the same operands as
-    the graph's kernels, so a step is bit-identical until an input differing by one fp32 ulp
-    rounds to the other bf16 neighbour (the kernels' activations are bf16); from then on two
-    free-running decodes differ by bf16 noise (measured up to 1e-2 of the logit scale). So these
-    are compared step by step from the same caches (`one_step`: the graph computes the step,
-    then the engine recomputes it over the same rows), where a flip is a rare event of that one
-    step: ≥ 90% of steps within 1e-5, every step within 2e-2. How the engine writes K/V over
-    many steps is what the free-running fp32 cases test;
+  - quantized models: the engine's quantized linears run the same kernels on the same operands
+    as the graph's, so the paths differ only where an input differing by one fp32 ulp rounds to
+    the neighbouring activation value: a rare bf16 flip in the ATen kernels (int4 g32 here,
+    measured up to 4e-3 of the logit scale), a frequent but 60× smaller digit flip in the
+    integer-dot kernel (a step of max|x_b| / 16256; measured ≤ 1.4e-4). From then on two
+    free-running decodes drift apart, so these are compared step by step from the same caches
+    (`one_step`: the graph computes the step, then the engine recomputes it over the same rows):
+    ≥ 90% of steps within 2e-4, every step within 2e-2. How the engine writes K/V over many
+    steps is what the free-running fp32 cases test;
 a real lowering bug (a wrong norm weight, RoPE halves swapped, a window off by one, a missing
 bias) moves the logits of every step by ≥ 1e-2 of their scale.
 """
@@ -65,9 +66,10 @@ def plain_mlp() -> ModelSpec:
     return tiny_spec(gated_mlp=False, act="relu", layers=(_layer(rope=None),) * 2)
 
 
-def rtn4(gm, embedding_bits: int = 0):
+def rtn4(gm, embedding_bits: int = 0, group: int = 32):
+    """g32 runs the ATen int4 kernel, g64 the integer-dot one (kernels/int_dot.py)."""
     from mcomp.quant.rtn import QuantizeWeightsRTN, RTNConfig
-    cfg = RTNConfig(bits=4, group_size=32, skip_roles=(), embedding_bits=embedding_bits,
+    cfg = RTNConfig(bits=4, group_size=group, skip_roles=(), embedding_bits=embedding_bits,
                     embedding_group_size=0 if embedding_bits else None)
     return QuantizeWeightsRTN(cfg).run(gm, None).gm
 
@@ -125,7 +127,10 @@ CASES = {
     "llama-fp32": lambda: tiny_gm(),
     "llama-int4": lambda: rtn4(tiny_gm()),
     "llama-int4-fused-emb8": lambda: rtn4(fused(tiny_gm()), embedding_bits=8),
+    "llama-int4-g64": lambda: rtn4(tiny_gm(), group=64),
     "llama-int8": lambda: rtn8(tiny_gm()),
+    "gemma3-int4-g64": lambda: rtn4(tiny_gm(gemma_like()), group=64),
+    "qwen3-int4-g64-emb8": lambda: rtn4(tiny_gm(qwen_like()), embedding_bits=8, group=64),
     "qwen3-int4": lambda: rtn4(tiny_gm(qwen_like())),
     "gemma3-fp32": lambda: tiny_gm(gemma_like()),
     "gemma3-int4": lambda: rtn4(tiny_gm(gemma_like())),
@@ -144,7 +149,7 @@ def test_engine_matches_graph(case):
         ref, got = decode_logits(gm, fast=False), decode_logits(gm, fast=True)
     err = (got - ref).abs().amax(-1) / ref.abs().max()                     # (steps,)
     if quantized:
-        assert err.max() <= 2e-2 and (err <= 1e-5).float().mean() >= 0.9, (case, err)
+        assert err.max() <= 2e-2 and (err <= 2e-4).float().mean() >= 0.9, (case, err)
     else:
         assert err.max() <= 1e-5, (case, err.max())
     assert torch.equal(got.argmax(-1), ref.argmax(-1))

@@ -1,4 +1,7 @@
-"""Fast CPU linear kernels (runtime/kernels/cpu_int.py) against the pure-torch reference kernel.
+"""The ATen CPU linear kernels (runtime/kernels/cpu_int.py) against the pure-torch reference kernel.
+
+They are the fallback behind the integer-dot kernel (int_dot.py, tests/runtime/test_int_dot.py),
+which every test here switches off so the selector reaches them.
 
 Tolerances. The fast kernels round activations to bf16 (relative error ≤ u = 2^-8 per element),
 so the reference is run on the bf16-rounded input x̂ = x.bfloat16().float(); what remains is the
@@ -33,6 +36,13 @@ U = 2.0 ** -8            # bf16 unit roundoff
 INT4_RTOL = 1e-2
 INT8_MARGIN = 1.25
 MS = (1, 3, 17, 64)
+
+
+@pytest.fixture(autouse=True)
+def aten_kernels(monkeypatch):
+    """Hide the C++ extension from int_dot's predicate: cpu_int's kernels are then selected."""
+    from mcomp.runtime.kernels import int_dot
+    monkeypatch.setattr(int_dot, "_ext", lambda: None)
 
 
 def make_layer(N: int, K: int, scheme: WeightScheme, *, bias: bool, seed: int = 0,
@@ -209,6 +219,7 @@ def test_kernel_selection(bits, group, symmetric, K, expected):
 
 def test_missing_op_falls_back(monkeypatch):
     """A torch build without the ops: the predicates say no, the selector picks the reference."""
+    _op = cpu_int._op
     monkeypatch.setattr(cpu_int, "_op", lambda name: None)
     cpu_int._int4_available.cache_clear()
     cpu_int._int8_available.cache_clear()
@@ -217,7 +228,7 @@ def test_missing_op_falls_back(monkeypatch):
             m = make_layer(16, 64, WeightScheme(bits=bits, group_size=group), bias=False)
             assert kernels.select_linear_kernel(m).name == "reference"
     finally:
-        monkeypatch.undo()
+        monkeypatch.setattr(cpu_int, "_op", _op)
         cpu_int._int4_available.cache_clear()
         cpu_int._int8_available.cache_clear()
     assert kernels.select_linear_kernel(m).name == "int8_bf16"

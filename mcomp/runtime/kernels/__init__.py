@@ -1,8 +1,9 @@
 """Kernel selection for quantized linears.
 
 Every stored format has the pure-torch reference kernel (dequantize, then F.linear in fp32).
-Fast kernels register with a predicate saying which schemes they execute; the selector picks
-the first that applies, unless reference mode is forced (tests compare the two).
+Fast kernels register with a predicate saying which schemes they execute and a priority; the
+selector picks the highest-priority kernel that applies (ties: registration order), unless
+reference mode is forced (tests compare the two).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class LinearKernel:
     name: str
     applies: Callable[[object], bool]           # (QuantLinear) -> bool
     run: Callable[[object, torch.Tensor], torch.Tensor]
+    priority: int = 0                           # higher is tried first
 
 
 _LINEAR_KERNELS: list[LinearKernel] = []
@@ -32,6 +34,7 @@ def register_linear_kernel(kernel: LinearKernel) -> LinearKernel:
     if any(k.name == kernel.name for k in _LINEAR_KERNELS):
         raise ValueError(f"linear kernel '{kernel.name}' is already registered")
     _LINEAR_KERNELS.append(kernel)
+    _LINEAR_KERNELS.sort(key=lambda k: -k.priority)   # stable: ties keep registration order
     return kernel
 
 
@@ -67,4 +70,4 @@ def linear_kernel(m) -> Callable:
         m._kernel = select_linear_kernel(m)
         log.debug("kernel %s for %s", m._kernel.name, m.scheme.label())
     return m._kernel.run
-from . import cpu_int  # noqa: E402,F401  registers fast kernels
+from . import cpu_int, int_dot  # noqa: E402,F401  register fast kernels

@@ -264,13 +264,16 @@ INT8_BF16 = register_linear_kernel(LinearKernel("int8_bf16", _int8_applies, int8
 
 
 def prepared_operands(m) -> tuple[str, _Prepared] | None:
-    """("int4" | "int8", the prepared layout) of the fast kernel that runs `m`, or None when `m`
-    runs the reference kernel: lets another executor (runtime/fastdecode.py) call the same op on
-    the same operands, with results bit-identical to this module's kernels."""
+    """("int_dot" | "int4" | "int8", the prepared layout) of the fast kernel that runs `m`, or
+    None when `m` runs the reference kernel: lets another executor (runtime/fastdecode.py) run the
+    same kernel on the same operands, with results bit-identical to the graph's."""
     from . import _FORCE_REFERENCE, select_linear_kernel
+    from .int_dot import INT_DOT, _build as _int_dot_build
     if _FORCE_REFERENCE:
         return None
     k = m._kernel or select_linear_kernel(m)
+    if k is INT_DOT:
+        return "int_dot", _prepared(m, "int_dot", _int_dot_build)
     if k is INT4_TINYGEMM_BF16:
         return "int4", _prepared(m, "int4", _int4_build)
     if k is INT8_BF16:

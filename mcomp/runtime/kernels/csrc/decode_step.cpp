@@ -28,6 +28,8 @@
 #include <limits>
 #include <vector>
 
+#include "qdot.h"
+
 namespace {
 
 constexpr int64_t CHUNK = 256;      // tokens per attention task
@@ -92,15 +94,48 @@ inline float act(float x, int64_t kind) {
 
 }  // namespace
 
-// A linear in the layout of one of the Python kernels (cpu_int.py). kind: 0 fp32 (w (N, K)),
-// 1 int4 tinygemm (w packed, s = scales-and-zeros (Kp/go, Np, 2) bf16, go = op group),
-// 2 int8 per-channel (w (N, Kp) int8, s (N,) bf16, corr = optional zero-point correction (N,)).
+// A linear in the layout of one of the Python kernels. kind: 0 fp32 (w (N, K)),
+// 1 int4 tinygemm (cpu_int.py: w packed, s = scales-and-zeros (Kp/go, Np, 2) bf16, go = op group),
+// 2 int8 per-channel bf16 (cpu_int.py: w (N, Kp) int8, s (N,) bf16, corr = optional zero-point
+// correction (N,)), 3 integer dot (int_dot.py / qdot.h: w codes, s (N, G), zs (N, G), bits, g).
 struct Lin {
-  int64_t kind = 0, K = 0, Kp = 0, N = 0, Np = 0, go = 0;
-  at::Tensor w, s, corr, bias;
+  int64_t kind = 0, K = 0, Kp = 0, N = 0, Np = 0, go = 0, bits = 0, g = 0, G = 0;
+  at::Tensor w, s, zs, corr, bias;
 
-  at::Tensor operator()(const at::Tensor& x) const {   // x (1, K) fp32 → (1, N) fp32
+  qdot::W qw() const {
+    qdot::W q;
+    q.bits = bits; q.N = N; q.K = K; q.Kp = Kp; q.g = g; q.G = G;
+    q.codes = w.data_ptr<uint8_t>();
+    q.s = s.data_ptr<float>();
+    q.zs = zs.data_ptr<float>();
+    q.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    return q;
+  }
+
+  // y[0..N) from one row x[0..K) whose quantization (kind 3) is `a`
+  void into(const float* x, const qdot::Act& a, float* y) const {
+    if (kind == 3) {
+      qdot::gemm(qw(), &a, 1, y);
+      return;
+    }
+    at::Tensor xt = at::from_blob(const_cast<float*>(x), {1, K}, at::kFloat);
+    at::Tensor r = (*this)(xt);
+    std::memcpy(y, r.data_ptr<float>(), N * sizeof(float));
+  }
+
+  at::Tensor operator()(const at::Tensor& x) const {   // x (M, K) fp32 → (M, N) fp32
     if (kind == 0) return bias.defined() ? at::linear(x, w, bias) : at::linear(x, w);
+    if (kind == 3) {
+      at::Tensor xc = x.contiguous();
+      const int64_t M = xc.size(0);
+      std::vector<qdot::Act> acts(M);
+      at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; ++m) acts[m].quantize(xc.data_ptr<float>() + m * K, K);
+      });
+      at::Tensor y = at::empty({M, N}, xc.options());
+      qdot::gemm(qw(), acts.data(), M, y.data_ptr<float>());
+      return y;
+    }
     at::Tensor xb = x.to(at::kBFloat16);
     if (Kp != K) xb = at::constant_pad_nd(xb, {0, Kp - K});
     at::Tensor y;
@@ -207,11 +242,44 @@ void rope(float* x, int64_t H, int64_t D, const float* c, const float* s) {
   }
 }
 
-at::Tensor run_all(const std::vector<Lin>& lins, const at::Tensor& x) {
-  if (lins.size() == 1) return lins[0](x);
-  std::vector<at::Tensor> ys;
-  for (const auto& l : lins) ys.push_back(l(x));
-  return at::cat(ys, 1);
+// y[0..N) = lin(x) for one input row x (K floats); an integer-dot linear quantizes x into `a`
+// unless `quantized` says `a` already holds x (linears reading the same row share it).
+void run_one(const Lin& l, const float* x, float* y, qdot::Act& a, bool quantized = false) {
+  if (l.kind == 3 && !quantized) a.quantize(x, l.K);
+  l.into(x, a, y);
+}
+
+// The linears that read one input row, outputs concatenated into y; when all are integer-dot,
+// one quantization of x and one parallel region serve them all.
+void run_all(const std::vector<Lin>& lins, const float* x, float* y, qdot::Act& a) {
+  if (lins.size() > 1 && std::all_of(lins.begin(), lins.end(), [](const Lin& l) { return l.kind == 3; })) {
+    a.quantize(x, lins[0].K);
+    std::vector<qdot::W> ws;
+    std::vector<const qdot::W*> wp;
+    std::vector<float*> ys;
+    std::vector<int64_t> lds;
+    for (const auto& l : lins) ws.push_back(l.qw());
+    for (size_t i = 0; i < lins.size(); ++i) {
+      wp.push_back(&ws[i]);
+      ys.push_back(y);
+      lds.push_back(lins[i].N);
+      y += lins[i].N;
+    }
+    qdot::gemm_many(wp.data(), ys.data(), lds.data(), static_cast<int64_t>(ws.size()), &a, 1);
+    return;
+  }
+  bool quantized = false;
+  for (const auto& l : lins) {
+    run_one(l, x, y, a, quantized);
+    quantized = quantized || l.kind == 3;
+    y += l.N;
+  }
+}
+
+int64_t width(const std::vector<Lin>& lins) {
+  int64_t n = 0;
+  for (const auto& l : lins) n += l.N;
+  return n;
 }
 
 }  // namespace
@@ -260,12 +328,16 @@ struct Engine {
     at::Tensor h = at::empty({1, H}, x.options());
     float* xp = x.data_ptr<float>();
     float* hp = h.data_ptr<float>();
+    qdot::Act qa;                        // the quantized input row of the integer-dot linears
+    std::vector<float> buf;              // q|k|v, then gate|up: the widest linear group
+    std::vector<float> att, proj(H), mid;
     for (const Layer& L : layers) {
       const int64_t D = L.D, qd = L.Hq * D, kd = L.Hkv * D;
       TORCH_CHECK(L.kbuf.defined() && n < L.kbuf.size(2), "decode engine: KV buffer too small");
       rmsnorm(xp, L.attn_norm.data_ptr<float>(), hp, H, eps_f);
-      at::Tensor qkv = run_all(L.qkv, h);                    // (1, qd + 2 kd)
-      float* q = qkv.data_ptr<float>();
+      buf.resize(std::max(width(L.qkv), width(L.gate_up)));
+      run_all(L.qkv, hp, buf.data(), qa);                    // q | k | v
+      float* q = buf.data();
       float* k = q + qd;
       const float* v = k + kd;
       if (L.q_norm.defined()) {
@@ -284,30 +356,31 @@ struct Engine {
         std::memcpy(V + (g * cap + n) * D, v + g * D, D * sizeof(float));
       }
       const int64_t lo = L.window > 0 ? std::max<int64_t>(0, n - L.window + 1) : 0;
-      at::Tensor a = at::empty({1, qd}, x.options());
-      attend(L, q, lo, n + 1, a.data_ptr<float>());
-      at::Tensor o = L.o(a);
-      float* op = o.data_ptr<float>();
+      att.resize(qd);
+      attend(L, q, lo, n + 1, att.data());
+      float* op = proj.data();
+      run_one(L.o, att.data(), op, qa);
       if (L.post_attn_norm.defined()) rmsnorm(op, L.post_attn_norm.data_ptr<float>(), op, H, eps_f);
       for (int64_t i = 0; i < H; ++i) xp[i] += op[i];
       rmsnorm(xp, L.mlp_norm.data_ptr<float>(), hp, H, eps_f);
-      at::Tensor gu = run_all(L.gate_up, h);
-      const float* g = gu.data_ptr<float>();
-      at::Tensor m_in = at::empty({1, L.F}, x.options());
-      float* mi = m_in.data_ptr<float>();
+      run_all(L.gate_up, hp, buf.data(), qa);
+      const float* g = buf.data();
+      mid.resize(L.F);
+      float* mi = mid.data();
       if (gated) {
         const float* u = g + L.F;
         for (int64_t i = 0; i < L.F; ++i) mi[i] = act(g[i], act_kind) * u[i];
       } else {
         for (int64_t i = 0; i < L.F; ++i) mi[i] = act(g[i], act_kind);
       }
-      at::Tensor m = L.down(m_in);
-      float* mp = m.data_ptr<float>();
+      float* mp = proj.data();
+      run_one(L.down, mi, mp, qa);
       if (L.post_mlp_norm.defined()) rmsnorm(mp, L.post_mlp_norm.data_ptr<float>(), mp, H, eps_f);
       for (int64_t i = 0; i < H; ++i) xp[i] += mp[i];
     }
     rmsnorm(xp, final_norm.data_ptr<float>(), hp, H, eps_f);
-    at::Tensor logits = head(h);
+    at::Tensor logits = at::empty({1, head.N}, x.options());
+    run_one(head, hp, logits.data_ptr<float>(), qa);
     if (softcap > 0) logits = at::tanh(logits / softcap) * softcap;
     return logits;
   }
@@ -338,12 +411,59 @@ at::Tensor exp_only(at::Tensor x) {
   return y;
 }
 
+// The integer-dot linear as a function, for the graph's kernel (int_dot.py) and its tests; isa
+// −1 picks the best this CPU has, 0/1/2 forces one (tests run every path the CPU can).
+at::Tensor qlinear(at::Tensor x, at::Tensor codes, at::Tensor s, at::Tensor zs,
+                   c10::optional<at::Tensor> bias, int64_t bits, int64_t K, int64_t g, int64_t isa) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == K, "qlinear: x (M, K) fp32");
+  TORCH_CHECK(isa <= qdot::best_isa(), "qlinear: this CPU cannot run ISA ", isa);
+  Lin l;
+  l.kind = 3; l.bits = bits; l.K = K; l.Kp = (K + qdot::CH - 1) / qdot::CH * qdot::CH;
+  l.N = codes.size(0); l.g = g; l.G = s.size(1);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+              codes.size(1) == (bits == 4 ? l.Kp / 2 : l.Kp) && (bits == 4 || bits == 8) &&
+              g > 0 && g % qdot::CH == 0 && l.G == (K + g - 1) / g && s.size(0) == l.N,
+              "qlinear: operands are not in qdot.h's layout");
+  l.w = codes; l.s = s.contiguous(); l.zs = zs.contiguous();
+  if (bias) l.bias = bias->contiguous();
+  x = x.contiguous();
+  const int64_t M = x.size(0);
+  std::vector<qdot::Act> acts(M);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) acts[m].quantize(xp + m * K, K);
+  });
+  at::Tensor y = at::empty({M, l.N}, x.options());
+  qdot::gemm(l.qw(), acts.data(), M, y.data_ptr<float>(), isa);
+  return y;
+}
+
+// (q1, q2, e) of qdot.h's activation rounding, for the bit-exactness test against the torch one
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(at::Tensor x) {
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  qdot::Act a;
+  a.quantize(x.data_ptr<float>(), K);
+  at::Tensor q = at::empty({M, a.Kp}, x.options().dtype(at::kChar));
+  at::Tensor q2 = at::empty({M, a.Kp}, x.options().dtype(at::kChar));
+  at::Tensor e = at::empty({M, a.Kp / qdot::XB}, x.options());
+  for (int64_t m = 0; m < M; ++m) {
+    a.quantize(x.data_ptr<float>() + m * K, K);
+    std::memcpy(q.data_ptr<int8_t>() + m * a.Kp, a.q.data(), a.Kp);
+    std::memcpy(q2.data_ptr<int8_t>() + m * a.Kp, a.q2.data(), a.Kp);
+    for (int64_t b = 0; b < a.Kp / qdot::XB; ++b) e.data_ptr<float>()[m * (a.Kp / qdot::XB) + b] = a.dv[b * 8];
+  }
+  return {q, q2, e};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   py::class_<Lin>(m, "Lin")
       .def(py::init<>())
       .def_readwrite("kind", &Lin::kind).def_readwrite("K", &Lin::K).def_readwrite("Kp", &Lin::Kp)
       .def_readwrite("N", &Lin::N).def_readwrite("Np", &Lin::Np).def_readwrite("go", &Lin::go)
+      .def_readwrite("bits", &Lin::bits).def_readwrite("g", &Lin::g).def_readwrite("G", &Lin::G)
+      .def_readwrite("zs", &Lin::zs)
       .def_readwrite("w", &Lin::w).def_readwrite("s", &Lin::s).def_readwrite("corr", &Lin::corr)
       .def_readwrite("bias", &Lin::bias)
       .def("__call__", &Lin::operator());
@@ -366,6 +486,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &Engine::add_layer)
       .def("set_kv", &Engine::set_kv)
       .def("step", &Engine::step, py::call_guard<py::gil_scoped_release>());
+  m.def("qlinear", &qlinear, "integer-dot linear (qdot.h) of x (M, K) fp32 on prepared operands",
+        py::arg("x"), py::arg("codes"), py::arg("s"), py::arg("zs"), py::arg("bias"),
+        py::arg("bits"), py::arg("K"), py::arg("g"), py::arg("isa") = -1,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("quantize_act", &quantize_act, "qdot.h's activation rounding of x (M, K): (q1, q2, e = d/128)");
+  m.def("isa", &qdot::best_isa, "the integer-dot ISA this CPU runs: 0 portable, 1 AVX2, 2 AVX-512 VNNI");
   m.def("attention", &attention_only, "decode attention over rows [lo, hi) of (1, Hkv, cap, D) buffers");
   m.def("fast_exp", &exp_only, "the kernel's polynomial exp, for its accuracy test");
 }
