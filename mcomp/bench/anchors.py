@@ -52,6 +52,8 @@ class AnchorConfig:
 
 
 _KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}          # ggml_type values
+# Engine.prof slots (csrc/decode_step.cpp), in order
+ENGINE_PHASES = ("norms, RoPE, residuals", "q|k|v", "attention", "o", "gate|up + act", "down", "head")
 
 
 def copy_bandwidth(threads: int, nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -121,6 +123,13 @@ def _mcomp_child(name: str, artifact: str, cfg: AnchorConfig, q) -> None:
             for ctx in cfg.contexts:
                 res[f"decode@{ctx}"] = _time_decode(prefill, step, _tokens(ctx, spec.vocab_size), cfg.steps)
                 res[f"bytes@{ctx}"] = res["weight_bytes"] + kv_per_token * (ctx + cfg.steps)
+                if run["fast"] is not None:                      # where an engine step goes
+                    eng = run["fast"].engine
+                    eng.profile, eng.prof = True, [0.0] * len(ENGINE_PHASES)
+                    for _ in range(8):
+                        step()
+                    eng.profile = False
+                    res[f"phases@{ctx}"] = [t / 8 * 1e3 for t in eng.prof]
         res["path"] = "engine" if run["fast"] is not None else "graph"
         res["peak_rss_bytes"] = _peak_rss()
         q.put(res)
@@ -132,7 +141,7 @@ def _llama_child(name: str, gguf: str, kv: str, cfg: AnchorConfig, q) -> None:
     try:
         import numpy as np
         from llama_cpp import Llama
-        n_ctx = max(cfg.contexts) + cfg.steps + 8
+        n_ctx = max(*cfg.contexts, cfg.prefill) + cfg.steps + 8     # the prefill prompt fits too
         llm = Llama(model_path=gguf, n_ctx=n_ctx, n_threads=cfg.threads,
                     n_threads_batch=cfg.threads, n_batch=512, n_ubatch=512, flash_attn=True,
                     type_k=_KV_TYPES[kv], type_v=_KV_TYPES[kv], verbose=False)
@@ -266,7 +275,47 @@ def to_markdown(res: dict) -> str:
             f"(weights + KV at that context) ÷ measured copy bandwidth "
             f"({res['copy_bandwidth_GBps']:.1f} GB/s) ÷ measured step time. torch {res['torch']}, "
             f"llama-cpp-python {res['llama_cpp_python']}, {res['cpu']}.")
+    prof = [(r["config"], c, r[f"phases@{c}"]) for r in res["rows"] for c in ctxs if f"phases@{c}" in r]
+    if prof:
+        lines += ["", "Where a decode step of the mcomp engine goes (ms per token, one profiled run of 8 "
+                  "steps after the timed ones):", "",
+                  "| configuration | context | " + " | ".join(ENGINE_PHASES) + " | total |",
+                  "| --- | ---: | " + " | ".join("---:" for _ in ENGINE_PHASES) + " | ---: |"]
+        for name, c, ph in prof:
+            lines.append(f"| {name} | {c} | " + " | ".join(f"{t:.2f}" for t in ph) + f" | {sum(ph):.2f} |")
     return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def plot(res: dict, path: Path) -> bool:
+    """Decode tok/s per context and prefill tok/s, one bar per configuration; False without
+    matplotlib (the `bench` extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows, ctxs = res["rows"], res["contexts"]
+    labels = [f"decode @{c}" for c in ctxs] + [f"prefill ({res['prefill']}) / 4"]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        vals = [r[f"decode@{c}"] for c in ctxs] + [r["prefill_tok_s"] / 4]
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(labels))]
+        ax.bar(xs, vals, width, label=r["config"],
+               hatch="//" if r["runtime"] != "mcomp" else None, edgecolor="black", linewidth=0.4)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"{res['model']}, batch 1, {res['threads']} threads, same run (hatched: llama.cpp)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".part.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)                       # atomic: never a half-written figure
+    return True
 
 
 LLAMA_BUILD = (
@@ -279,7 +328,10 @@ LLAMA_BUILD = (
 
 def write_report(res: dict, path: Path, command: str) -> None:
     from . import write_section
+    path = Path(path)
+    img = path.parent / "img" / f"anchors-{res['model']}.png"
+    figure = f"![anchors {res['model']}](img/{img.name})\n\n" if plot(res, img) else ""
     write_section(path, f"anchors-{res['model']}",
                   f"## Anchors: mcomp vs llama.cpp, same run ({res['model']})\n\n"
-                  f"Command: `{command}`\n\n" + LLAMA_BUILD + "\n\n" + to_markdown(res)
+                  f"Command: `{command}`\n\n" + LLAMA_BUILD + "\n\n" + figure + to_markdown(res)
                   + f"\n```json\n{json.dumps(res, indent=1)}\n```")

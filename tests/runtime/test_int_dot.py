@@ -160,3 +160,17 @@ def test_tiny_model_fast_vs_reference():
     assert {m._kernel.name for m in gm.modules() if isinstance(m, QuantLinear)} == {"int_dot"}
     d = verify.drift(ref, fast)
     assert d["top1"] >= 0.95 and d["kld"] < 1e-3, d
+
+
+def test_prefill_and_decode_layouts_are_both_kept():
+    """Prefill (ATen layout) and decode (integer-dot layout) alternate in generation: each kernel
+    keeps its own prepared operands, so neither is rebuilt at every switch."""
+    from mcomp.runtime.kernels import cpu_int
+    m = make_layer(48, 576, WeightScheme(bits=4, group_size=128), bias=False)
+    m(torch.randn(int_dot.GEMM_ROWS, 576))
+    m(torch.randn(1, 576))
+    cache = dict(getattr(m, cpu_int._CACHE_ATTR))
+    assert set(cache) == {"int4", "int_dot"}
+    m(torch.randn(int_dot.GEMM_ROWS, 576))
+    m(torch.randn(1, 576))
+    assert all(getattr(m, cpu_int._CACHE_ATTR)[k] is v for k, v in cache.items())

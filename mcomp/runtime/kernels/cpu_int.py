@@ -27,7 +27,9 @@ int8_bf16 — `aten._weight_int8pack_mm`
     Grouped int8 (several scales per row) has no matching op and uses the reference kernel.
 
 Prepared layouts (packed int4 tiles, int8 weights, bf16 scales) are built lazily at the first
-call and cached on the module as a plain attribute (`_cpu_int_cache`), never as a buffer: they
+call and cached on the module, one per kernel (int_dot.py's decode layout and this module's GEMM
+layout are both live when prefill and decode alternate), as a plain attribute (`_cpu_int_cache`),
+never as a buffer: they
 are a function of the stored tensors, must not enter the state_dict or the artifact, and are
 rebuilt whenever a stored tensor is replaced or modified in place (checked by tensor identity and
 version counter; inference tensors have no version counter, so for a module built under
@@ -92,12 +94,16 @@ def _prepared(m, kernel: str, build) -> _Prepared:
     freed tensor's id or address being reused."""
     b = m._buffers
     src = (b["qweight"], b["scales"], b.get("zeros"))
-    p = m.__dict__.get(_CACHE_ATTR)
-    if (p is None or p.kernel != kernel or p.src[0] is not src[0] or p.src[1] is not src[1]
+    cache = m.__dict__.get(_CACHE_ATTR)
+    if cache is None:   # one layout per kernel: decode (int_dot) and prefill (ATen) alternate
+        cache = {}
+        object.__setattr__(m, _CACHE_ATTR, cache)   # plain attribute: never a buffer / state_dict entry
+    p = cache.get(kernel)
+    if (p is None or p.src[0] is not src[0] or p.src[1] is not src[1]
             or p.src[2] is not src[2] or p.versions != _versions(src)):
         p = build(m)
         p.src, p.versions = src, _versions(src)
-        object.__setattr__(m, _CACHE_ATTR, p)   # plain attribute: never a buffer / state_dict entry
+        cache[kernel] = p
     return p
 
 

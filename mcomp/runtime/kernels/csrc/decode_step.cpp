@@ -23,6 +23,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -293,6 +294,10 @@ struct Engine {
   int64_t act_kind = SILU;
   bool gated = true;
   double softcap = 0.0;                // 0: none
+  // Optional per-phase wall time (seconds, summed over steps), for `mcomp bench` and tuning:
+  // 0 norms/rope/KV write/residuals, 1 q|k|v, 2 attention, 3 o, 4 gate|up + act, 5 down, 6 head
+  bool profile = false;
+  std::vector<double> prof = std::vector<double>(7, 0.0);
 
   void add_layer(const Layer& l) { layers.push_back(l); }
 
@@ -328,6 +333,14 @@ struct Engine {
     at::Tensor h = at::empty({1, H}, x.options());
     float* xp = x.data_ptr<float>();
     float* hp = h.data_ptr<float>();
+    using clk = std::chrono::steady_clock;
+    auto t_last = clk::now();
+    auto lap = [&](int phase) {             // charge the time since the last lap to `phase`
+      if (!profile) return;
+      const auto now = clk::now();
+      prof[phase] += std::chrono::duration<double>(now - t_last).count();
+      t_last = now;
+    };
     qdot::Act qa;                        // the quantized input row of the integer-dot linears
     std::vector<float> buf;              // q|k|v, then gate|up: the widest linear group
     std::vector<float> att, proj(H), mid;
@@ -335,8 +348,10 @@ struct Engine {
       const int64_t D = L.D, qd = L.Hq * D, kd = L.Hkv * D;
       TORCH_CHECK(L.kbuf.defined() && n < L.kbuf.size(2), "decode engine: KV buffer too small");
       rmsnorm(xp, L.attn_norm.data_ptr<float>(), hp, H, eps_f);
+      lap(0);
       buf.resize(std::max(width(L.qkv), width(L.gate_up)));
       run_all(L.qkv, hp, buf.data(), qa);                    // q | k | v
+      lap(1);
       float* q = buf.data();
       float* k = q + qd;
       const float* v = k + kd;
@@ -357,12 +372,16 @@ struct Engine {
       }
       const int64_t lo = L.window > 0 ? std::max<int64_t>(0, n - L.window + 1) : 0;
       att.resize(qd);
+      lap(0);
       attend(L, q, lo, n + 1, att.data());
+      lap(2);
       float* op = proj.data();
       run_one(L.o, att.data(), op, qa);
+      lap(3);
       if (L.post_attn_norm.defined()) rmsnorm(op, L.post_attn_norm.data_ptr<float>(), op, H, eps_f);
       for (int64_t i = 0; i < H; ++i) xp[i] += op[i];
       rmsnorm(xp, L.mlp_norm.data_ptr<float>(), hp, H, eps_f);
+      lap(0);
       run_all(L.gate_up, hp, buf.data(), qa);
       const float* g = buf.data();
       mid.resize(L.F);
@@ -373,14 +392,18 @@ struct Engine {
       } else {
         for (int64_t i = 0; i < L.F; ++i) mi[i] = act(g[i], act_kind);
       }
+      lap(4);
       float* mp = proj.data();
       run_one(L.down, mi, mp, qa);
+      lap(5);
       if (L.post_mlp_norm.defined()) rmsnorm(mp, L.post_mlp_norm.data_ptr<float>(), mp, H, eps_f);
       for (int64_t i = 0; i < H; ++i) xp[i] += mp[i];
     }
     rmsnorm(xp, final_norm.data_ptr<float>(), hp, H, eps_f);
     at::Tensor logits = at::empty({1, head.N}, x.options());
+    lap(0);
     run_one(head, hp, logits.data_ptr<float>(), qa);
+    lap(6);
     if (softcap > 0) logits = at::tanh(logits / softcap) * softcap;
     return logits;
   }
@@ -483,6 +506,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("head", &Engine::head).def_readwrite("eps", &Engine::eps)
       .def_readwrite("act_kind", &Engine::act_kind).def_readwrite("gated", &Engine::gated)
       .def_readwrite("softcap", &Engine::softcap)
+      .def_readwrite("profile", &Engine::profile).def_readwrite("prof", &Engine::prof)
       .def("add_layer", &Engine::add_layer)
       .def("set_kv", &Engine::set_kv)
       .def("step", &Engine::step, py::call_guard<py::gil_scoped_release>());
