@@ -100,11 +100,20 @@ struct W {
   const float* bias = nullptr;  // (N) or null
 };
 
-// Σ_g s_g Σ_{b∈g} d_b I_b for one row: nch chunks, cpg chunks per group.
+// Chunk `ch` of a row's codes as 64 unsigned bytes (int4: low nibbles are the first 32 codes).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+inline __m512i codes_avx512(int64_t bits, const uint8_t* c, int64_t ch) {
+  if (bits != 4) return _mm512_loadu_si512(c + ch * 64);
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + ch * 32));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m4)),
+                            _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), 1);
+}
+
+// Σ_g s_g Σ_{b∈g} e_b I_b for one row: nch chunks, cpg chunks per group.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 inline float row_avx512(int64_t bits, const uint8_t* c, const Act& a, const float* s,
                         int64_t nch, int64_t cpg) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
   const int8_t* xq = a.q.data();
   const int8_t* xq2 = a.q2.data();
   const float* dv = a.dv.data();
@@ -113,14 +122,7 @@ inline float row_avx512(int64_t bits, const uint8_t* c, const Act& a, const floa
     const int64_t c1 = std::min(nch, c0 + cpg);
     __m512 t = _mm512_setzero_ps();
     for (int64_t ch = c0; ch < c1; ++ch) {
-      __m512i w;
-      if (bits == 4) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + ch * 32));
-        w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m4)),
-                               _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), 1);
-      } else {
-        w = _mm512_loadu_si512(c + ch * 64);
-      }
+      const __m512i w = codes_avx512(bits, c, ch);
       const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xq + ch * 64));
       const __m512i p = _mm512_dpbusd_epi32(_mm512_slli_epi32(p1, 7), w, _mm512_loadu_si512(xq2 + ch * 64));
       t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_loadu_ps(dv + ch * 16), t);
@@ -211,7 +213,6 @@ template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 inline void rows_avx512(int64_t bits, const uint8_t* c, const Act* a, const float* s,
                         int64_t nch, int64_t cpg, float* out) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t c0 = 0, grp = 0; c0 < nch; c0 += cpg, ++grp) {
@@ -219,14 +220,7 @@ inline void rows_avx512(int64_t bits, const uint8_t* c, const Act* a, const floa
     __m512 t[R];
     for (int r = 0; r < R; ++r) t[r] = _mm512_setzero_ps();
     for (int64_t ch = c0; ch < c1; ++ch) {
-      __m512i w;
-      if (bits == 4) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + ch * 32));
-        w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m4)),
-                               _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), 1);
-      } else {
-        w = _mm512_loadu_si512(c + ch * 64);
-      }
+      const __m512i w = codes_avx512(bits, c, ch);
       for (int r = 0; r < R; ++r) {
         const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w,
                                                _mm512_loadu_si512(a[r].q.data() + ch * 64));
