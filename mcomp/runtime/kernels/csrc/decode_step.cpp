@@ -124,19 +124,24 @@ struct Lin {
     std::memcpy(y, r.data_ptr<float>(), N * sizeof(float));
   }
 
+  // kind 3 over M rows x (M, K) fp32: each row quantized (in parallel), then one gemm; isa −1 is
+  // the best this CPU has
+  at::Tensor rows(const at::Tensor& x, int64_t isa = -1) const {
+    const at::Tensor xc = x.contiguous();
+    const int64_t M = xc.size(0);
+    const float* xp = xc.data_ptr<float>();
+    std::vector<qdot::Act> acts(M);
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) acts[m].quantize(xp + m * K, K);
+    });
+    at::Tensor y = at::empty({M, N}, xc.options());
+    qdot::gemm(qw(), acts.data(), M, y.data_ptr<float>(), isa);
+    return y;
+  }
+
   at::Tensor operator()(const at::Tensor& x) const {   // x (M, K) fp32 → (M, N) fp32
     if (kind == 0) return bias.defined() ? at::linear(x, w, bias) : at::linear(x, w);
-    if (kind == 3) {
-      at::Tensor xc = x.contiguous();
-      const int64_t M = xc.size(0);
-      std::vector<qdot::Act> acts(M);
-      at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-        for (int64_t m = m0; m < m1; ++m) acts[m].quantize(xc.data_ptr<float>() + m * K, K);
-      });
-      at::Tensor y = at::empty({M, N}, xc.options());
-      qdot::gemm(qw(), acts.data(), M, y.data_ptr<float>());
-      return y;
-    }
+    if (kind == 3) return rows(x);
     at::Tensor xb = x.to(at::kBFloat16);
     if (Kp != K) xb = at::constant_pad_nd(xb, {0, Kp - K});
     at::Tensor y;
@@ -449,16 +454,7 @@ at::Tensor qlinear(at::Tensor x, at::Tensor codes, at::Tensor s, at::Tensor zs,
               "qlinear: operands are not in qdot.h's layout");
   l.w = codes; l.s = s.contiguous(); l.zs = zs.contiguous();
   if (bias) l.bias = bias->contiguous();
-  x = x.contiguous();
-  const int64_t M = x.size(0);
-  std::vector<qdot::Act> acts(M);
-  const float* xp = x.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) acts[m].quantize(xp + m * K, K);
-  });
-  at::Tensor y = at::empty({M, l.N}, x.options());
-  qdot::gemm(l.qw(), acts.data(), M, y.data_ptr<float>(), isa);
-  return y;
+  return l.rows(x, isa);
 }
 
 // (q1, q2, e) of qdot.h's activation rounding, for the bit-exactness test against the torch one
@@ -466,7 +462,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(at::Tensor x) {
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
   qdot::Act a;
-  a.quantize(x.data_ptr<float>(), K);
+  a.Kp = (K + qdot::CH - 1) / qdot::CH * qdot::CH;
   at::Tensor q = at::empty({M, a.Kp}, x.options().dtype(at::kChar));
   at::Tensor q2 = at::empty({M, a.Kp}, x.options().dtype(at::kChar));
   at::Tensor e = at::empty({M, a.Kp / qdot::XB}, x.options());
