@@ -23,6 +23,12 @@
 //   int8: (N, Kp) bytes, the codes themselves.
 // Kp = K rounded up to 64; padded activations are 0, so padded codes contribute nothing.
 //
+// Decode (one activation row) is latency- and issue-bound per weight row more than by bandwidth
+// (a SmolLM2 row is 9 chunks), so the AVX-512 int4 path loads two chunks per 64-byte load (the
+// activations are kept in that pair order too, see Act), works on four weight rows at once, and
+// prefetches the code stream ahead; every variant does the same arithmetic per row, in the same
+// order, so results do not depend on which one ran (or on the batch).
+//
 // ISA: chosen at run time from the CPU's features (AVX-512 VNNI, AVX2+FMA, or portable C++),
 // each in its own target-attributed function, so the choice does not hang on the build flags
 // and a caller can force any path the CPU has (the tests run all of them against the reference).
@@ -38,6 +44,7 @@ namespace qdot {
 
 constexpr int64_t XB = 32;       // activations per int8 block (one scale)
 constexpr int64_t CH = 64;       // codes per chunk: two activation blocks
+constexpr int64_t PF = 1024;     // software prefetch distance of the code stream, bytes
 
 enum Isa : int64_t { PORTABLE = 0, AVX2 = 1, AVX512VNNI = 2 };
 
@@ -57,10 +64,13 @@ inline int64_t best_isa() {
 // One activation row, quantized: q, q2 (Kp int8 each: the two digits), dv (Kp/64 chunks × 16
 // floats: lanes 0-7 hold the first block's e = d/128, lanes 8-15 the second's, the layout a
 // 16-lane int32 dot product comes out in), xs (Kp/32: e_b · Σ_{k∈b} (128 q1_k + q2_k)).
+// pq, pq2, pdv: the same digits and scales in chunk-pair order, for the AVX-512 int4 loop that
+// unpacks two chunks per 64-byte load (rows_avx512): for chunks 2p, 2p+1 the low nibbles are
+// blocks 4p, 4p+2 and the high nibbles blocks 4p+1, 4p+3, so those are stored in that order.
 struct Act {
   int64_t K = 0, Kp = 0;
-  std::vector<int8_t> q, q2;
-  std::vector<float> dv, xs;
+  std::vector<int8_t> q, q2, pq, pq2;
+  std::vector<float> dv, xs, pdv;
 
   void quantize(const float* x, int64_t K_) {
     K = K_;
@@ -69,7 +79,9 @@ struct Act {
     q2.assign(Kp, 0);
     dv.resize(Kp / CH * 16);
     xs.resize(Kp / XB);
-    for (int64_t b = 0; b < Kp / XB; ++b) {
+    const int64_t nfull = best_isa() == AVX512VNNI ? K / XB : 0;
+    for (int64_t b = 0; b < nfull; ++b) block_avx512(x, b);
+    for (int64_t b = nfull; b < Kp / XB; ++b) {
       const int64_t lo = b * XB, hi = std::min(K, lo + XB);
       float amax = 0.0f;
       for (int64_t k = lo; k < hi; ++k) amax = std::max(amax, std::fabs(x[k]));
@@ -88,6 +100,46 @@ struct Act {
       std::fill(dv.begin() + b * 8, dv.begin() + b * 8 + 8, e);
       xs[b] = e * static_cast<float>(sum);
     }
+    pair_order();
+  }
+
+  // the scalar loop's rounding of one full block b, 16 lanes at a time: the same fp32
+  // operations (x·(1/d), round-half-even, clamp, (t − r)·128), so bit-identical to it (the
+  // scalar loop was 1-2% of a SmolLM2 decode step's perf samples)
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+  void block_avx512(const float* x, int64_t b) {
+    const __m512 a0 = _mm512_loadu_ps(x + b * XB), a1 = _mm512_loadu_ps(x + b * XB + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+    const float d = amax / 127.0f;
+    const __m512 id = _mm512_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+    const __m512 lim = _mm512_set1_ps(127.0f), nlim = _mm512_set1_ps(-127.0f), k128 = _mm512_set1_ps(128.0f);
+    __m512i sum = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h) {
+      const __m512 t = _mm512_mul_ps(h ? a1 : a0, id);
+      const __m512 r = _mm512_min_ps(lim, _mm512_max_ps(nlim, _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+      const __m512 r2 = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(t, r), k128), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512i ri = _mm512_cvtps_epi32(r), r2i = _mm512_cvtps_epi32(r2);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q.data() + b * XB + h * 16), _mm512_cvtepi32_epi8(ri));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q2.data() + b * XB + h * 16), _mm512_cvtepi32_epi8(r2i));
+      sum = _mm512_add_epi32(sum, _mm512_add_epi32(_mm512_slli_epi32(ri, 7), r2i));
+    }
+    const float e = d * (1.0f / 128);
+    std::fill(dv.begin() + b * 8, dv.begin() + b * 8 + 8, e);
+    xs[b] = e * static_cast<float>(_mm512_reduce_add_epi32(sum));
+  }
+
+  void pair_order() {
+    const int64_t npair = Kp / CH / 2;
+    pq.resize(npair * 2 * CH);
+    pq2.resize(npair * 2 * CH);
+    pdv.resize(npair * 32);
+    for (int64_t p = 0; p < npair; ++p)
+      for (int64_t i = 0; i < 4; ++i) {
+        const int64_t b = 4 * p + (i == 1 ? 2 : i == 2 ? 1 : i);   // blocks 4p, 4p+2, 4p+1, 4p+3
+        std::copy_n(q.begin() + b * XB, XB, pq.begin() + (4 * p + i) * XB);
+        std::copy_n(q2.begin() + b * XB, XB, pq2.begin() + (4 * p + i) * XB);
+        std::fill_n(pdv.begin() + (4 * p + i) * 8, 8, dv[b * 8]);
+      }
   }
 };
 
@@ -110,26 +162,59 @@ inline __m512i codes_avx512(int64_t bits, const uint8_t* c, int64_t ch) {
                             _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), 1);
 }
 
-// Σ_g s_g Σ_{b∈g} e_b I_b for one row: nch chunks, cpg chunks per group.
+// Σ_g s_g Σ_{b∈g} e_b I_b of one weight row (codes c: nch chunks, cpg chunks per group) for R
+// activation rows at once: each chunk of codes is loaded and unpacked once for all R (prefill
+// tiles use R = 4, a decode step R = 1; the per-row arithmetic, hence the result, is the same
+// for every R, so a token's logits do not depend on its batch).
+template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
-inline float row_avx512(int64_t bits, const uint8_t* c, const Act& a, const float* s,
-                        int64_t nch, int64_t cpg) {
-  const int8_t* xq = a.q.data();
-  const int8_t* xq2 = a.q2.data();
-  const float* dv = a.dv.data();
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t c0 = 0, grp = 0; c0 < nch; c0 += cpg, ++grp) {
-    const int64_t c1 = std::min(nch, c0 + cpg);
-    __m512 t = _mm512_setzero_ps();
+inline void rows_avx512(int64_t bits, const uint8_t* c, const Act* a, const float* s,
+                        int64_t nch, int64_t cpg, float* out) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  // q1, q2 digits of chunk `ch` at x1, x2 times 64 unsigned codes w: 128·dot(w,q1) + dot(w,q2)
+  auto idot = [](__m512i w, const int8_t* x1, const int8_t* x2) {
+    const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x1));
+    return _mm512_dpbusd_epi32(_mm512_slli_epi32(p1, 7), w, _mm512_loadu_si512(x2));
+  };
+  int64_t ch0 = 0;                                   // chunks before ch0 are done
+  if (bits == 4) {
+    // two chunks per 64-byte load: one AND gives both chunks' low nibbles, a shift and an AND
+    // their high nibbles (activations in pair order, see Act): 7 vector ops per chunk, not 10
+    // (measured +13% on a 576×1536 GEMV from L2). A pair that straddles a group boundary (odd
+    // chunks per group) gets the two groups' scales in the two halves of its scale vector.
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (; ch0 + 1 < nch; ch0 += 2) {
+      const __m512i v = _mm512_loadu_si512(c + ch0 * 32);
+      const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+      const int64_t g0 = ch0 / cpg, g1 = (ch0 + 1) / cpg;
+      const __m512 sv = g0 == g1 ? _mm512_set1_ps(s[g0])
+                                 : _mm512_insertf32x8(_mm512_set1_ps(s[g0]), _mm256_set1_ps(s[g1]), 1);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* p1 = a[r].pq.data() + ch0 * 64;
+        const int8_t* p2 = a[r].pq2.data() + ch0 * 64;
+        const float* pd = a[r].pdv.data() + ch0 * 16;
+        const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(idot(hi, p1 + 64, p2 + 64)), _mm512_loadu_ps(pd + 16),
+                                         _mm512_mul_ps(_mm512_cvtepi32_ps(idot(lo, p1, p2)), _mm512_loadu_ps(pd)));
+        acc[r] = _mm512_fmadd_ps(t, sv, acc[r]);
+      }
+    }
+  }
+  for (int64_t c0 = ch0; c0 < nch;) {                // int8, or int4's odd last chunk
+    const int64_t grp = c0 / cpg, c1 = std::min(nch, (grp + 1) * cpg);
+    __m512 t[R];
+    for (int r = 0; r < R; ++r) t[r] = _mm512_setzero_ps();
     for (int64_t ch = c0; ch < c1; ++ch) {
       const __m512i w = codes_avx512(bits, c, ch);
-      const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xq + ch * 64));
-      const __m512i p = _mm512_dpbusd_epi32(_mm512_slli_epi32(p1, 7), w, _mm512_loadu_si512(xq2 + ch * 64));
-      t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_loadu_ps(dv + ch * 16), t);
+      for (int r = 0; r < R; ++r)
+        t[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(idot(w, a[r].q.data() + ch * 64, a[r].q2.data() + ch * 64)),
+                               _mm512_loadu_ps(a[r].dv.data() + ch * 16), t[r]);
     }
-    acc = _mm512_fmadd_ps(t, _mm512_set1_ps(s[grp]), acc);
+    const __m512 sg = _mm512_set1_ps(s[grp]);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(t[r], sg, acc[r]);
+    c0 = c1;
   }
-  return _mm512_reduce_add_ps(acc);
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
 __attribute__((target("avx2,fma")))
@@ -207,32 +292,50 @@ inline float row_portable(int64_t bits, const uint8_t* c, const Act& a, const fl
   return acc;
 }
 
-// The same sum for R activation rows at once: each chunk of codes is loaded and unpacked once
-// and multiplied with R rows (prefill), instead of once per row.
-template <int R>
+// rows_avx512<1> of W consecutive int4 weight rows (row stride rb bytes) for one activation row,
+// interleaved: the activation loads are shared and the W dependency chains overlap, which a
+// single row's short chain (9 chunks at K = 576) leaves latency-bound (measured: +25% on a
+// 3072×576 GEMV from L2, single thread). Each row's arithmetic is rows_avx512<1>'s, in the same
+// order, so the results are bit-identical to it.
+template <int W>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
-inline void rows_avx512(int64_t bits, const uint8_t* c, const Act* a, const float* s,
-                        int64_t nch, int64_t cpg, float* out) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t c0 = 0, grp = 0; c0 < nch; c0 += cpg, ++grp) {
-    const int64_t c1 = std::min(nch, c0 + cpg);
-    __m512 t[R];
-    for (int r = 0; r < R; ++r) t[r] = _mm512_setzero_ps();
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      const __m512i w = codes_avx512(bits, c, ch);
-      for (int r = 0; r < R; ++r) {
-        const __m512i p1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w,
-                                               _mm512_loadu_si512(a[r].q.data() + ch * 64));
-        const __m512i p = _mm512_dpbusd_epi32(_mm512_slli_epi32(p1, 7), w,
-                                              _mm512_loadu_si512(a[r].q2.data() + ch * 64));
-        t[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_loadu_ps(a[r].dv.data() + ch * 16), t[r]);
-      }
+inline void wrows4_avx512(const uint8_t* c, int64_t rb, const Act& a, const float* s, int64_t G,
+                          int64_t nch, int64_t cpg, float* out) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[W];
+  for (int r = 0; r < W; ++r) acc[r] = _mm512_setzero_ps();
+  auto idot = [](__m512i w, __m512i x1, __m512i x2) {
+    return _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x1), 7), w, x2);
+  };
+  int64_t ch = 0;
+  for (; ch + 1 < nch; ch += 2) {
+    const int8_t* p1 = a.pq.data() + ch * 64;
+    const int8_t* p2 = a.pq2.data() + ch * 64;
+    const __m512i x1 = _mm512_loadu_si512(p1), x2 = _mm512_loadu_si512(p2);
+    const __m512i x3 = _mm512_loadu_si512(p1 + 64), x4 = _mm512_loadu_si512(p2 + 64);
+    const __m512 d0 = _mm512_loadu_ps(a.pdv.data() + ch * 16), d1 = _mm512_loadu_ps(a.pdv.data() + ch * 16 + 16);
+    const int64_t g0 = ch / cpg, g1 = (ch + 1) / cpg;
+    for (int r = 0; r < W; ++r) {
+      const __m512i v = _mm512_loadu_si512(c + r * rb + ch * 32);
+      const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+      const float* sr = s + r * G;
+      const __m512 sv = g0 == g1 ? _mm512_set1_ps(sr[g0])
+                                 : _mm512_insertf32x8(_mm512_set1_ps(sr[g0]), _mm256_set1_ps(sr[g1]), 1);
+      const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(idot(hi, x3, x4)), d1,
+                                       _mm512_mul_ps(_mm512_cvtepi32_ps(idot(lo, x1, x2)), d0));
+      acc[r] = _mm512_fmadd_ps(t, sv, acc[r]);
     }
-    const __m512 sg = _mm512_set1_ps(s[grp]);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(t[r], sg, acc[r]);
   }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  if (ch < nch) {                         // an odd last chunk, as rows_avx512 does it
+    const __m512i x1 = _mm512_loadu_si512(a.q.data() + ch * 64), x2 = _mm512_loadu_si512(a.q2.data() + ch * 64);
+    const __m512 d = _mm512_loadu_ps(a.dv.data() + ch * 16);
+    for (int r = 0; r < W; ++r) {
+      const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(idot(codes_avx512(4, c + r * rb, ch), x1, x2)), d,
+                                       _mm512_setzero_ps());
+      acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(s[r * G + ch / cpg]), acc[r]);
+    }
+  }
+  for (int r = 0; r < W; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
 // One output: a weight, where its rows go (y + m·ld + n for activation row m), and its X_g.
@@ -272,20 +375,31 @@ inline void gemm_many(const W* const* ws, float* const* ys, const int64_t* lds, 
       const int64_t n0 = (t - first[i]) * TILE, n1 = std::min(w.N, n0 + TILE);
       for (int64_t m = 0; m < M;) {
         const int64_t r = (isa == AVX512VNNI && M - m >= 4) ? 4 : 1;
-        for (int64_t n = n0; n < n1; ++n) {
+        const bool four = r == 1 && isa == AVX512VNNI && w.bits == 4;   // 4 weight rows at once
+        for (int64_t n = n0, nr = 1; n < n1; n += nr) {
+          nr = four && n1 - n >= 4 ? 4 : 1;                  // weight rows this iteration
           const uint8_t* c = w.codes + n * rb;
+          // a GEMV streams its codes from DRAM once per token and computes little per byte:
+          // fetching PF bytes ahead keeps more misses in flight than the hardware prefetcher
+          // does (measured ~10% on a 3072×576 int4 GEMV from DRAM, 2 threads)
+          if (m == 0)
+            for (int64_t o = 0; o < nr * rb; o += 64) _mm_prefetch(reinterpret_cast<const char*>(c + PF + o), _MM_HINT_T0);
           const float* s = w.s + n * w.G;
-          const float* zs = w.zs + n * w.G;
           float v[4];
-          if (r == 4) rows_avx512<4>(w.bits, c, acts + m, s, nch, cpg, v);
-          else if (isa == AVX512VNNI) v[0] = row_avx512(w.bits, c, acts[m], s, nch, cpg);
+          if (nr == 4) wrows4_avx512<4>(c, rb, acts[m], s, w.G, nch, cpg, v);
+          else if (r == 4) rows_avx512<4>(w.bits, c, acts + m, s, nch, cpg, v);
+          else if (isa == AVX512VNNI) rows_avx512<1>(w.bits, c, acts + m, s, nch, cpg, v);
           else if (isa == AVX2) v[0] = row_avx2(w.bits, c, acts[m], s, nch, cpg);
           else v[0] = row_portable(w.bits, c, acts[m], s, nch, cpg);
-          for (int64_t k = 0; k < r; ++k) {
-            const float* X = job.X.data() + (m + k) * w.G;
+          // v[k]: activation row m + k when r > 1, weight row n + k when nr > 1
+          for (int64_t k = 0; k < std::max(r, nr); ++k) {
+            const int64_t mi = m + (r > 1 ? k : 0), ni = n + (nr > 1 ? k : 0);
+            const float* X = job.X.data() + mi * w.G;
+            const float* sn = w.s + ni * w.G;
+            const float* zn = w.zs + ni * w.G;
             float u = v[k];
-            for (int64_t g = 0; g < w.G; ++g) u += (off * s[g] - zs[g]) * X[g];
-            job.y[(m + k) * job.ld + n] = w.bias ? u + w.bias[n] : u;
+            for (int64_t g = 0; g < w.G; ++g) u += (off * sn[g] - zn[g]) * X[g];
+            job.y[mi * job.ld + ni] = w.bias ? u + w.bias[ni] : u;
           }
         }
         m += r;
