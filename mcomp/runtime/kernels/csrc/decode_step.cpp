@@ -15,8 +15,8 @@
 // results here and in the graph; fp32 linears call at::linear. Norms, RoPE, activations and
 // attention are this file's loops, in fp32; they differ from torch's only in summation order.
 //
-// Attention is split over (KV head, chunk of CHUNK tokens) tasks so both threads work at short
-// and long context alike; each task keeps, for the rep query heads of its KV head, a running max,
+// Attention is split over (KV head, chunk of up to CHUNK tokens) tasks, chunks halved at short
+// context until each thread has two, so both threads work at short and long context alike; each task keeps, for the rep query heads of its KV head, a running max,
 // sum and P·V (the K/V rows are read once for all rep heads), and the chunks are merged by the
 // log-sum-exp rule. exp is a vectorizable polynomial (|rel err| < 4e-7), not
 // std::exp, which GCC will not vectorize without -ffast-math.
@@ -34,7 +34,6 @@
 namespace {
 
 constexpr int64_t CHUNK = 256;      // tokens per attention task
-constexpr int LANES = 16;           // independent partial sums: lets the compiler vectorize dots
 const float NEG = -std::numeric_limits<float>::infinity();
 
 // exp(x) for float, branch-free so a loop over it vectorizes: x = n·ln2 + r with |r| ≤ ln2/2
@@ -60,16 +59,47 @@ inline float fast_exp(float x) {
   return x <= -87.0f ? 0.0f : out;
 }
 
+// Σ a[i]·b[i] and Σ a[i]. Left to itself, GCC (without -ffast-math) ends a reduction loop in one
+// dependent scalar add per element or per partial sum, which was most of a short-context decode
+// attention (a 64-wide dot per key and head); with AVX-512 (the extension is built with
+// -march=native on the machine that runs it) the partial sums stay in two vectors and are added
+// as a tree at the end.
+#if defined(__AVX512F__)
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float acc[LANES] = {0};
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + LANES <= n; i += LANES)
-    for (int l = 0; l < LANES; ++l) acc[l] += a[i + l] * b[i + l];
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+inline float sum(const float* a, int64_t n) {
+  __m512 s0 = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    s0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + i), s0);
+  }
+  return _mm512_reduce_add_ps(s0);
+}
+#else
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float s = 0;
-  for (; i < n; ++i) s += a[i] * b[i];
-  for (int l = 0; l < LANES; ++l) s += acc[l];
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
 }
+
+inline float sum(const float* a, int64_t n) {
+  float s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i];
+  return s;
+}
+#endif
 
 // y = x / rms(x) · w over n floats (in place allowed)
 inline void rmsnorm(const float* x, const float* w, float* y, int64_t n, float eps) {
@@ -90,6 +120,24 @@ inline float act(float x, int64_t kind) {
       return 0.5f * x * (1.0f + th);
     }
     default: return x > 0 ? x : 0.0f;
+  }
+}
+
+// y = act(g) (· u when gated) over n floats: one loop per kind, so that each vectorizes
+template <int64_t KIND>
+inline void act_loop(const float* __restrict g, const float* __restrict u, float* __restrict y, int64_t n) {
+  if (u)
+    for (int64_t i = 0; i < n; ++i) y[i] = act(g[i], KIND) * u[i];
+  else
+    for (int64_t i = 0; i < n; ++i) y[i] = act(g[i], KIND);
+}
+
+inline void act_rows(const float* g, const float* u, float* y, int64_t n, int64_t kind) {
+  switch (kind) {
+    case SILU: return act_loop<SILU>(g, u, y, n);
+    case GELU: return act_loop<GELU>(g, u, y, n);
+    case GELU_TANH: return act_loop<GELU_TANH>(g, u, y, n);
+    default: return act_loop<RELU>(g, u, y, n);
   }
 }
 
@@ -175,7 +223,12 @@ namespace {
 // softmax(scale·q·Kᵀ)·V over cache rows [lo, hi) for every query head; q (Hq·D), out (Hq·D).
 void attend(const Layer& L, const float* q, int64_t lo, int64_t hi, float* out) {
   const int64_t D = L.D, Hkv = L.Hkv, rep = L.Hq / L.Hkv, cap = L.kbuf.size(2);
-  const int64_t S = hi - lo, nchunk = (S + CHUNK - 1) / CHUNK;
+  const int64_t S = hi - lo;
+  // tasks are (KV head, key chunk); at short contexts a chunk per KV head leaves threads idle
+  // (SmolLM2: 3 KV heads on 2 threads), so chunks halve until every thread has two tasks
+  int64_t chunk = CHUNK;
+  while (chunk > 32 && Hkv * ((S + chunk - 1) / chunk) < 2 * at::get_num_threads()) chunk /= 2;
+  const int64_t nchunk = (S + chunk - 1) / chunk;
   const float* K = L.kbuf.data_ptr<float>();
   const float* V = L.vbuf.data_ptr<float>();
   const float scale = static_cast<float>(L.scale);
@@ -185,7 +238,7 @@ void attend(const Layer& L, const float* q, int64_t lo, int64_t hi, float* out) 
     std::vector<float> sc(static_cast<size_t>(rep * CHUNK));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / nchunk, c = t % nchunk;
-      const int64_t a = lo + c * CHUNK, b = std::min(hi, a + CHUNK), n = b - a;
+      const int64_t a = lo + c * chunk, b = std::min(hi, a + chunk), n = b - a;
       const float* Kg = K + (g * cap + a) * D;
       const float* Vg = V + (g * cap + a) * D;
       float* P = part.data() + t * rep * (D + 2);
@@ -197,11 +250,8 @@ void attend(const Layer& L, const float* q, int64_t lo, int64_t hi, float* out) 
           s[j] = dot(qh, Kg + j * D, D) * scale;
           m = std::max(m, s[j]);
         }
-        float l = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          s[j] = fast_exp(s[j] - m);
-          l += s[j];
-        }
+        for (int64_t j = 0; j < n; ++j) s[j] = fast_exp(s[j] - m);   // vectorizes
+        const float l = sum(s, n);
         P[r * (D + 2)] = m;
         P[r * (D + 2) + 1] = l;
         std::fill(P + r * (D + 2) + 2, P + (r + 1) * (D + 2), 0.0f);
@@ -391,12 +441,7 @@ struct Engine {
       const float* g = buf.data();
       mid.resize(L.F);
       float* mi = mid.data();
-      if (gated) {
-        const float* u = g + L.F;
-        for (int64_t i = 0; i < L.F; ++i) mi[i] = act(g[i], act_kind) * u[i];
-      } else {
-        for (int64_t i = 0; i < L.F; ++i) mi[i] = act(g[i], act_kind);
-      }
+      act_rows(g, gated ? g + L.F : nullptr, mi, L.F, act_kind);
       lap(4);
       float* mp = proj.data();
       run_one(L.down, mi, mp, qa);
