@@ -93,6 +93,7 @@ def _mcomp_child(name: str, artifact: str, cfg: AnchorConfig, q) -> None:
 
         def prefill(ids):
             st = AttentionState(spec, 1, model=gm)
+            st.reserve(ids.shape[1] + cfg.steps + 16)          # + warm-up and profiled steps
             st.last_logits_only = True
             for a in range(0, ids.shape[1], 1024):               # chunks, as `mcomp run` does
                 pos = torch.arange(a, min(a + 1024, ids.shape[1]))[None]

@@ -69,6 +69,7 @@ def _child(kv: str, artifact: str, ids: list[int], cfg: DecodeBenchConfig, q) ->
         times = []
         for _ in range(cfg.repeats):
             state = AttentionState(spec, 1, model=gm)
+            state.reserve(cfg.ctx + 1)                      # prompt + timed steps: no regrowth
             state.last_logits_only = True
             with torch.inference_mode():
                 n = 0

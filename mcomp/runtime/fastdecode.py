@@ -157,12 +157,13 @@ class FastDecoder:
         self._bind(self.caches[0].length + 1)
 
     def _bind(self, need: int) -> None:
-        """Grow every cache to hold `need` tokens (the caches' own doubling) and hand the engine
-        their buffers, which a growth replaces."""
+        """Grow every cache to hold `need` tokens (doubling, unless the caller reserved the
+        final length already) and hand the engine their buffers, which a growth replaces."""
         for i, c in enumerate(self.caches):
-            c._reserve(need, c.v[:, :, :1])
+            if need > c.capacity:
+                c.reserve(max(need, 2 * c.capacity))
             self.engine.set_kv(i, c.k, c.v)
-        self.cap = min(c.k.shape[2] for c in self.caches)
+        self.cap = min(c.capacity for c in self.caches)
 
     def step(self, tok: torch.Tensor) -> torch.Tensor:
         """tok (1, 1) long → logits (1, V) of the next token; the caches and state advance."""

@@ -138,6 +138,7 @@ def decode_steps(gm: fx.GraphModule, prompts: Sequence[Sequence[int]], *, max_ne
     generator = make_generator(seed) if temperature > 0 else None
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long)
     state = AttentionState(spec, B, model=gm)
+    state.reserve(ids.shape[1] + max_new_tokens)                # the final length: no regrowth
     state.last_logits_only = True                               # sampling reads only [:, -1]
     finished = torch.zeros(B, dtype=torch.bool)                 # (B,)
     next_pos = lengths.clone()                                  # (B,) position of the next token

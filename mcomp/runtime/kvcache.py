@@ -80,6 +80,12 @@ class KVCache:
         """Exact bytes of every tensor the cache holds, over their used extent."""
         raise NotImplementedError
 
+    def reserve(self, tokens: int) -> None:
+        """Allocate room for `tokens` tokens in total now. A caller that knows the final length
+        (a generation's prompt + max_new_tokens) thereby avoids the growth copies and the
+        doubling's overshoot (up to 2× the cache's final bytes). A no-op for kinds that do not
+        preallocate."""
+
     def quantized_span(self) -> tuple[int, int] | None:
         """Held columns [lo, hi) that are stored quantized; None for a lossless cache."""
         return None
@@ -135,6 +141,11 @@ class AttentionState:
         self._plain_causal = False
         #: the model computes logits for the last position only (see select_logit_positions)
         self.last_logits_only = False
+
+    def reserve(self, tokens: int) -> None:
+        """Room for `tokens` tokens in every layer's cache (KVCache.reserve)."""
+        for c in self.caches:
+            c.reserve(tokens)
 
     def begin(self, positions: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         if valid is None:

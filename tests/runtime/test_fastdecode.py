@@ -220,6 +220,28 @@ def test_buffers_grow_past_initial_capacity():
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+def test_generate_reserves_the_final_length(monkeypatch):
+    """generate allocates prompt + max_new_tokens rows up front: no growth copy, no doubling
+    overshoot (a 8192-token context used to end in a 16384-row cache), same tokens."""
+    from mcomp.runtime.kv.dense import DenseKVCache
+    gm = tiny_gm()
+    grown = []
+    real = DenseKVCache._grow
+    monkeypatch.setattr(DenseKVCache, "_grow", lambda self, cap, *a: grown.append(cap) or real(self, cap, *a))
+    prompt = [[5, 9, 17, 33, 4]]
+    fast = generate_ids(gm, prompt, max_new_tokens=100, stop_at_eos=False)
+    assert set(grown) == {105}                     # one allocation per layer, of the final size
+    state = _state_after_prefill(gm)               # no reservation: the cache doubles
+    c = state.caches[0]
+    before = c.k[:, :, : c.length].clone()
+    c.reserve(200)
+    assert c.capacity == 200 and torch.equal(c.k[:, :, : c.length], before)
+    c.reserve(10)                                  # never shrinks
+    assert c.capacity == 200
+    monkeypatch.setattr("mcomp.runtime.generate.fast_decoder", lambda g, s: None)
+    assert generate_ids(gm, prompt, max_new_tokens=100, stop_at_eos=False) == fast
+
+
 # ------------------------------------------------------------------ the engine's own kernels
 
 def test_fast_exp_accuracy():

@@ -37,15 +37,23 @@ class DenseKVCache(KVCache):
         self.k = self.v = None
         self.k_dim: int | None = None     # stored key width when it is not V's (think)
 
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
     def _reserve(self, need: int, like: torch.Tensor) -> None:
-        """Room for `need` tokens; `like` is a V chunk (B, H, T, D)."""
-        cap = 0 if self.k is None else self.k.shape[2]
-        if need <= cap:
-            return
-        new_cap = max(need, 2 * cap, 64)
-        B, H, _, D = like.shape
-        k = like.new_empty((B, H, new_cap, self.k_dim or D), dtype=self.dtype)
-        v = like.new_empty((B, H, new_cap, D), dtype=self.dtype)
+        """Room for `need` tokens, growing by doubling; `like` is a V chunk (B, H, T, D)."""
+        if need > self.capacity:
+            B, H, _, D = like.shape
+            self._grow(max(need, 2 * self.capacity, 64), B, H, D)
+
+    def reserve(self, tokens: int) -> None:
+        if tokens > self.capacity:
+            self._grow(tokens, self.batch, self.layer.n_kv_heads, self.layer.head_dim)
+
+    def _grow(self, new_cap: int, B: int, H: int, D: int) -> None:
+        k = torch.empty((B, H, new_cap, self.k_dim or D), dtype=self.dtype)
+        v = torch.empty((B, H, new_cap, D), dtype=self.dtype)
         if self.k is not None:
             k[:, :, : self.length] = self.k[:, :, : self.length]
             v[:, :, : self.length] = self.v[:, :, : self.length]
