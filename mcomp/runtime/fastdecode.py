@@ -13,8 +13,9 @@ with the reason logged at debug level):
     node), RMSNorm everywhere, RoPE over whole heads or none, no learned positions;
   - every linear is an fp32 nn.Linear or a QuantLinear that a fast CPU kernel (kernels/cpu_int.py)
     runs: the engine calls the same op on the same prepared operands;
-  - batch 1, every layer's cache dense fp32 holding positions 0..n-1 (the row index of a key is
-    its position), the kernels not forced to reference mode.
+  - batch 1, every layer's cache dense (fp32, fp16 or bf16: the engine reads the buffers in
+    their dtype) holding positions 0..n-1 (the row index of a key is its position), the kernels
+    not forced to reference mode.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from .kv.dense import DenseKVCache
 log = logging.getLogger("mcomp.runtime")
 
 _ACT = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}   # decode_step.cpp enum Act
+_KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # dense caches the engine reads
 _NORMS = ("attn_norm", "q_norm", "k_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm")
 
 
@@ -194,7 +196,7 @@ def fast_decoder(gm: fx.GraphModule, state) -> FastDecoder | None:
             raise Unsupported(f"batch {state.batch}")
         n = state.length
         for i, c in enumerate(state.caches):
-            if type(c) is not DenseKVCache or c.dtype != torch.float32 or c.k_dim is not None:
+            if type(c) is not DenseKVCache or c.dtype not in _KV_DTYPES or c.k_dim is not None:
                 raise Unsupported(f"layer {i}: a {c.layer.kv.label()} cache")
             if c.length != n or c.k is None or not c.k.is_contiguous():
                 raise Unsupported(f"layer {i}: cache holds {c.length} of {n} tokens")

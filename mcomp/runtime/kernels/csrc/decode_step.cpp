@@ -101,6 +101,58 @@ inline float sum(const float* a, int64_t n) {
 }
 #endif
 
+// K/V rows are stored as the dense cache's dtype (fp32, fp16 or bf16; half the bytes a decode
+// step reads at long context) and widened to fp32 as they are read: the same values the graph
+// path attends over (it converts the cache with .to(fp32)), so only summation order differs.
+template <typename T>
+inline float widen(T x) { return static_cast<float>(x); }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const at::Half* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) {   // bf16 is fp32's top half
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// Σ q[i]·k[i] over one stored key row
+template <typename T>
+inline float dot_kv(const float* __restrict q, const T* __restrict k, int64_t n) {
+  __m512 s0 = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), load16(k + i, m), s0);
+  }
+  return _mm512_reduce_add_ps(s0);
+}
+
+// acc[i] += p · v[i] over one stored value row
+template <typename T>
+inline void axpy_kv(float p, const T* __restrict v, float* __restrict acc, int64_t n) {
+  const __m512 pv = _mm512_set1_ps(p);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    _mm512_mask_storeu_ps(acc + i, m, _mm512_fmadd_ps(pv, load16(v + i, m), _mm512_maskz_loadu_ps(m, acc + i)));
+  }
+}
+#else
+template <typename T>
+inline float dot_kv(const float* __restrict q, const T* __restrict k, int64_t n) {
+  float s = 0;
+  for (int64_t i = 0; i < n; ++i) s += q[i] * widen(k[i]);
+  return s;
+}
+
+template <typename T>
+inline void axpy_kv(float p, const T* __restrict v, float* __restrict acc, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += p * widen(v[i]);
+}
+#endif
+
 // y = x / rms(x) · w over n floats (in place allowed)
 inline void rmsnorm(const float* x, const float* w, float* y, int64_t n, float eps) {
   const float ms = dot(x, x, n) / static_cast<float>(n);
@@ -215,13 +267,15 @@ struct Layer {
   Lin o;
   std::vector<Lin> gate_up;    // outputs concatenated: gate | up (gated), up (plain)
   Lin down;
-  at::Tensor kbuf, vbuf;       // the dense cache's buffers (1, Hkv, cap, D) fp32
+  at::Tensor kbuf, vbuf;       // the dense cache's buffers (1, Hkv, cap, D) fp32, fp16 or bf16
 };
 
 namespace {
 
-// softmax(scale·q·Kᵀ)·V over cache rows [lo, hi) for every query head; q (Hq·D), out (Hq·D).
-void attend(const Layer& L, const float* q, int64_t lo, int64_t hi, float* out) {
+// softmax(scale·q·Kᵀ)·V over cache rows [lo, hi) for every query head; q (Hq·D), out (Hq·D);
+// T is the cache's storage type.
+template <typename T>
+void attend_t(const Layer& L, const float* q, int64_t lo, int64_t hi, float* out) {
   const int64_t D = L.D, Hkv = L.Hkv, rep = L.Hq / L.Hkv, cap = L.kbuf.size(2);
   const int64_t S = hi - lo;
   // tasks are (KV head, key chunk); at short contexts a chunk per KV head leaves threads idle
@@ -229,8 +283,8 @@ void attend(const Layer& L, const float* q, int64_t lo, int64_t hi, float* out) 
   int64_t chunk = CHUNK;
   while (chunk > 32 && Hkv * ((S + chunk - 1) / chunk) < 2 * at::get_num_threads()) chunk /= 2;
   const int64_t nchunk = (S + chunk - 1) / chunk;
-  const float* K = L.kbuf.data_ptr<float>();
-  const float* V = L.vbuf.data_ptr<float>();
+  const T* K = L.kbuf.data_ptr<T>();
+  const T* V = L.vbuf.data_ptr<T>();
   const float scale = static_cast<float>(L.scale);
   // per (task, rep head): max, sum, acc[D]
   std::vector<float> part(static_cast<size_t>(Hkv * nchunk * rep * (D + 2)));
@@ -239,15 +293,15 @@ void attend(const Layer& L, const float* q, int64_t lo, int64_t hi, float* out) 
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t g = t / nchunk, c = t % nchunk;
       const int64_t a = lo + c * chunk, b = std::min(hi, a + chunk), n = b - a;
-      const float* Kg = K + (g * cap + a) * D;
-      const float* Vg = V + (g * cap + a) * D;
+      const T* Kg = K + (g * cap + a) * D;
+      const T* Vg = V + (g * cap + a) * D;
       float* P = part.data() + t * rep * (D + 2);
       for (int64_t r = 0; r < rep; ++r) {
         const float* qh = q + (g * rep + r) * D;
         float* s = sc.data() + r * CHUNK;
         float m = NEG;
         for (int64_t j = 0; j < n; ++j) {
-          s[j] = dot(qh, Kg + j * D, D) * scale;
+          s[j] = dot_kv(qh, Kg + j * D, D) * scale;
           m = std::max(m, s[j]);
         }
         for (int64_t j = 0; j < n; ++j) s[j] = fast_exp(s[j] - m);   // vectorizes
@@ -257,12 +311,8 @@ void attend(const Layer& L, const float* q, int64_t lo, int64_t hi, float* out) 
         std::fill(P + r * (D + 2) + 2, P + (r + 1) * (D + 2), 0.0f);
       }
       for (int64_t j = 0; j < n; ++j) {          // each V row read once for all rep heads
-        const float* v = Vg + j * D;
-        for (int64_t r = 0; r < rep; ++r) {
-          const float p = sc[r * CHUNK + j];
-          float* acc = P + r * (D + 2) + 2;
-          for (int64_t d = 0; d < D; ++d) acc[d] += p * v[d];
-        }
+        const T* v = Vg + j * D;
+        for (int64_t r = 0; r < rep; ++r) axpy_kv(sc[r * CHUNK + j], v, P + r * (D + 2) + 2, D);
       }
     }
   });
@@ -282,6 +332,36 @@ void attend(const Layer& L, const float* q, int64_t lo, int64_t hi, float* out) 
       const float inv = 1.0f / l;
       for (int64_t d = 0; d < D; ++d) o[d] *= inv;
     }
+}
+
+void attend(const Layer& L, const float* q, int64_t lo, int64_t hi, float* out) {
+  switch (L.kbuf.scalar_type()) {
+    case at::kHalf: return attend_t<at::Half>(L, q, lo, hi, out);
+    case at::kBFloat16: return attend_t<at::BFloat16>(L, q, lo, hi, out);
+    default: return attend_t<float>(L, q, lo, hi, out);
+  }
+}
+
+// write the new token's K/V rows (Hkv × D fp32) at row n of the cache's buffers, rounded to the
+// cache's dtype as the graph's cache rounds them (round to nearest even)
+template <typename T>
+void write_kv_t(const Layer& L, const float* k, const float* v, int64_t n) {
+  const int64_t cap = L.kbuf.size(2), D = L.D;
+  T* K = L.kbuf.data_ptr<T>();
+  T* V = L.vbuf.data_ptr<T>();
+  for (int64_t g = 0; g < L.Hkv; ++g)
+    for (int64_t d = 0; d < D; ++d) {
+      K[(g * cap + n) * D + d] = static_cast<T>(k[g * D + d]);
+      V[(g * cap + n) * D + d] = static_cast<T>(v[g * D + d]);
+    }
+}
+
+void write_kv(const Layer& L, const float* k, const float* v, int64_t n) {
+  switch (L.kbuf.scalar_type()) {
+    case at::kHalf: return write_kv_t<at::Half>(L, k, v, n);
+    case at::kBFloat16: return write_kv_t<at::BFloat16>(L, k, v, n);
+    default: return write_kv_t<float>(L, k, v, n);
+  }
 }
 
 // half-split RoPE (rotate_half) of every head of x (H heads × D) with cos/sin (D/2 each)
@@ -357,9 +437,10 @@ struct Engine {
   void add_layer(const Layer& l) { layers.push_back(l); }
 
   void set_kv(int64_t i, at::Tensor k, at::Tensor v) {
-    TORCH_CHECK(k.scalar_type() == at::kFloat && k.is_contiguous() && v.is_contiguous() &&
-                k.dim() == 4 && k.size(0) == 1 && k.sizes() == v.sizes(),
-                "decode engine: layer ", i, " KV buffers must be contiguous fp32 (1, Hkv, cap, D)");
+    const auto t = k.scalar_type();
+    TORCH_CHECK((t == at::kFloat || t == at::kHalf || t == at::kBFloat16) && v.scalar_type() == t &&
+                k.is_contiguous() && v.is_contiguous() && k.dim() == 4 && k.size(0) == 1 && k.sizes() == v.sizes(),
+                "decode engine: layer ", i, " KV buffers must be contiguous fp32, fp16 or bf16 (1, Hkv, cap, D)");
     layers.at(i).kbuf = k;
     layers.at(i).vbuf = v;
   }
@@ -418,13 +499,7 @@ struct Engine {
         rope(q, L.Hq, D, cs[L.rope].data(), sn[L.rope].data());
         rope(k, L.Hkv, D, cs[L.rope].data(), sn[L.rope].data());
       }
-      const int64_t cap = L.kbuf.size(2);
-      float* K = L.kbuf.data_ptr<float>();
-      float* V = L.vbuf.data_ptr<float>();
-      for (int64_t g = 0; g < L.Hkv; ++g) {
-        std::memcpy(K + (g * cap + n) * D, k + g * D, D * sizeof(float));
-        std::memcpy(V + (g * cap + n) * D, v + g * D, D * sizeof(float));
-      }
+      write_kv(L, k, v, n);
       const int64_t lo = L.window > 0 ? std::max<int64_t>(0, n - L.window + 1) : 0;
       att.resize(qd);
       lap(0);
