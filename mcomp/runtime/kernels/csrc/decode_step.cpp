@@ -16,8 +16,8 @@
 // attention are this file's loops, in fp32; they differ from torch's only in summation order.
 //
 // Attention is split over (KV head, chunk of up to CHUNK tokens) tasks, chunks halved at short
-// context until each thread has two, so both threads work at short and long context alike; each task keeps, for the rep query heads of its KV head, a running max,
-// sum and P·V (the K/V rows are read once for all rep heads), and the chunks are merged by the
+// context until each thread has two, so both threads work at short and long context alike;
+// each task keeps, for the rep query heads of its KV head, a running max, sum and P·V (the K/V rows are read once for all rep heads), and the chunks are merged by the
 // log-sum-exp rule. exp is a vectorizable polynomial (|rel err| < 4e-7), not
 // std::exp, which GCC will not vectorize without -ffast-math.
 #include <torch/extension.h>
@@ -59,55 +59,21 @@ inline float fast_exp(float x) {
   return x <= -87.0f ? 0.0f : out;
 }
 
-// Σ a[i]·b[i] and Σ a[i]. Left to itself, GCC (without -ffast-math) ends a reduction loop in one
-// dependent scalar add per element or per partial sum, which was most of a short-context decode
-// attention (a 64-wide dot per key and head); with AVX-512 (the extension is built with
-// -march=native on the machine that runs it) the partial sums stay in two vectors and are added
-// as a tree at the end.
-#if defined(__AVX512F__)
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
-  }
-  for (; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
-    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-}
-
-inline float sum(const float* a, int64_t n) {
-  __m512 s0 = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
-    s0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + i), s0);
-  }
-  return _mm512_reduce_add_ps(s0);
-}
-#else
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-inline float sum(const float* a, int64_t n) {
-  float s = 0;
-  for (int64_t i = 0; i < n; ++i) s += a[i];
-  return s;
-}
-#endif
-
 // K/V rows are stored as the dense cache's dtype (fp32, fp16 or bf16; half the bytes a decode
 // step reads at long context) and widened to fp32 as they are read: the same values the graph
 // path attends over (it converts the cache with .to(fp32)), so only summation order differs.
+//
+// Reductions: left to itself, GCC (without -ffast-math) ends a reduction loop in one dependent
+// scalar add per element or per partial sum, which was most of a short-context decode attention
+// (a 64-wide dot per key and head); with AVX-512 (the extension is built with -march=native on
+// the machine that runs it) the partial sums stay in vectors and are added as a tree at the end.
 template <typename T>
 inline float widen(T x) { return static_cast<float>(x); }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const at::Half* p, __mmask16 m) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
@@ -115,18 +81,26 @@ inline __m512 load16(const at::Half* p, __mmask16 m) {
 inline __m512 load16(const at::BFloat16* p, __mmask16 m) {   // bf16 is fp32's top half
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
-inline __mmask16 lanes(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+
+// Σ a[i]·b[i], b fp32 or a stored K row; two accumulators, so a long row is not one FMA chain
+template <typename T>
+inline float dot(const float* __restrict a, const T* __restrict b, int64_t n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i, 0xFFFF), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), load16(b + i + 16, 0xFFFF), s1);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), load16(b + i, m), s0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
 
-// Σ q[i]·k[i] over one stored key row
-template <typename T>
-inline float dot_kv(const float* __restrict q, const T* __restrict k, int64_t n) {
+inline float sum(const float* a, int64_t n) {
   __m512 s0 = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = lanes(n - i);
-    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), load16(k + i, m), s0);
-  }
+  for (int64_t i = 0; i < n; i += 16) s0 = _mm512_add_ps(load16(a + i, lanes(n - i)), s0);
   return _mm512_reduce_add_ps(s0);
 }
 
@@ -141,9 +115,15 @@ inline void axpy_kv(float p, const T* __restrict v, float* __restrict acc, int64
 }
 #else
 template <typename T>
-inline float dot_kv(const float* __restrict q, const T* __restrict k, int64_t n) {
+inline float dot(const float* __restrict a, const T* __restrict b, int64_t n) {
   float s = 0;
-  for (int64_t i = 0; i < n; ++i) s += q[i] * widen(k[i]);
+  for (int64_t i = 0; i < n; ++i) s += a[i] * widen(b[i]);
+  return s;
+}
+
+inline float sum(const float* a, int64_t n) {
+  float s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i];
   return s;
 }
 
@@ -301,7 +281,7 @@ void attend_t(const Layer& L, const float* q, int64_t lo, int64_t hi, float* out
         float* s = sc.data() + r * CHUNK;
         float m = NEG;
         for (int64_t j = 0; j < n; ++j) {
-          s[j] = dot_kv(qh, Kg + j * D, D) * scale;
+          s[j] = dot(qh, Kg + j * D, D) * scale;
           m = std::max(m, s[j]);
         }
         for (int64_t j = 0; j < n; ++j) s[j] = fast_exp(s[j] - m);   // vectorizes
