@@ -82,8 +82,8 @@ def _lin(ext, m: nn.Module, where: str):
     kind, p = op
     lin.K, lin.Kp, lin.N, lin.Np = p.K, p.Kp, p.N, p.Np
     if kind == "int_dot":
-        codes, s, zs, g = p.tensors
-        lin.kind, lin.w, lin.s, lin.zs, lin.bits, lin.g = 3, codes, s, zs, m.scheme.bits, g
+        codes, s, z, g = p.tensors
+        lin.kind, lin.w, lin.s, lin.z, lin.bits, lin.g = 3, codes, s, z, m.scheme.bits, g
         lin.G = s.shape[1]
     elif kind == "int4":
         packed, sz, go = p.tensors

@@ -73,6 +73,27 @@ def test_matches_reference_on_every_isa(bits, N, K, group, symmetric):
                 assert v <= 1.0, f"isa {isa} bits {bits} N={N} K={K} g={group} M={M}: {v:.3g}×"
 
 
+@pytest.mark.parametrize("sdt", ["float16", "bfloat16", "float32"])
+def test_scales_kept_in_the_artifact_dtype_are_widened_exactly(sdt):
+    """The prepared layout keeps scales and zero points in the artifact's dtype and the kernel
+    widens them per tile: its outputs equal, bit for bit, those from the same operands widened to
+    fp32 in torch (z·s included), on every ISA, and stay within the reference's bound."""
+    N, K = 37, 576                      # 37 rows: a partial 16-row tile and a partial 4-row group
+    for bits, frac in ((4, True), (8, False)):
+        m = make_layer(N, K, WeightScheme(bits=bits, group_size=128, scale_dtype=sdt), bias=False,
+                       seed=bits, fractional_zeros=frac)
+        codes, s, z, g = int_dot._prepared(m, "int_dot", int_dot._build).tensors
+        assert s.dtype == z.dtype == getattr(torch, sdt)
+        x = torch.randn(5, K, generator=torch.Generator().manual_seed(1))
+        ref = int_dot.reference_int_dot(m, x)
+        for M in (1, 5):
+            for isa in isas():
+                y = int_dot._ext().qlinear(x[:M], codes, s, z, None, bits, K, g, isa)
+                y32 = int_dot._ext().qlinear(x[:M], codes, s.float(), z.float(), None, bits, K, g, isa)
+                assert torch.equal(y, y32), f"{sdt} isa {isa} bits {bits} M={M}"
+                assert violation(m, x[:M], y, ref[:M]) <= 1.0
+
+
 def test_activation_rounding_is_bit_exact():
     """The C++ int8 rounding equals the torch reference bit for bit, including all-zero blocks,
     a partial last block, ties and values across many magnitudes."""

@@ -72,11 +72,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _build(m) -> _Prepared:
     N, K = m.out_features, m.in_features
-    s = m.scales.float().contiguous()
-    zs = (m.zero_points() * s).contiguous()
+    # scales and zero points stay in the artifact's dtype (exact: zero points are stored in it, or
+    # are 2^(bits-1)); the kernel widens them per tile, and a decode step reads half the bytes
+    s = m.scales.contiguous()
+    z = m.zero_points().to(s.dtype).contiguous()
     codes = pack_codes(m.codes(), m.scheme.bits)
     log.debug("int_dot: prepared %dx%d (%s), group width %d", N, K, m.scheme.label(), group_width(m))
-    return _Prepared("int_dot", K, _round_up(K, CH), N, N, (codes, s, zs, group_width(m)))
+    return _Prepared("int_dot", K, _round_up(K, CH), N, N, (codes, s, z, group_width(m)))
 
 
 def _aten(m):
@@ -98,10 +100,10 @@ def int_dot(m, x: torch.Tensor, isa: int = -1) -> torch.Tensor:
 def int_dot_rows(m, x: torch.Tensor, isa: int = -1) -> torch.Tensor:
     """The integer-dot kernel at any number of rows (isa: −1 best, or 0/1/2 forced)."""
     p = _prepared(m, "int_dot", _build)
-    codes, s, zs, g = p.tensors
+    codes, s, z, g = p.tensors
     lead = x.shape[:-1]
     bias = None if m.bias is None else m.bias.float()
-    y = _ext().qlinear(x.reshape(-1, p.K).float(), codes, s, zs, bias, m.scheme.bits, p.K, g, isa)
+    y = _ext().qlinear(x.reshape(-1, p.K).float(), codes, s, z, bias, m.scheme.bits, p.K, g, isa)
     return y.to(x.dtype).reshape(*lead, p.N)
 
 

@@ -175,20 +175,32 @@ inline void act_rows(const float* g, const float* u, float* y, int64_t n, int64_
 
 }  // namespace
 
+// qdot.h's code for the dtype of an integer-dot linear's scales and zero points
+inline int64_t sfmt(const at::Tensor& s) {
+  switch (s.scalar_type()) {
+    case at::kFloat: return qdot::F32;
+    case at::kHalf: return qdot::F16;
+    case at::kBFloat16: return qdot::BF16;
+    default: TORCH_CHECK(false, "integer-dot linear: scales must be fp32, fp16 or bf16, not ", s.scalar_type());
+  }
+}
+
 // A linear in the layout of one of the Python kernels. kind: 0 fp32 (w (N, K)),
 // 1 int4 tinygemm (cpu_int.py: w packed, s = scales-and-zeros (Kp/go, Np, 2) bf16, go = op group),
 // 2 int8 per-channel bf16 (cpu_int.py: w (N, Kp) int8, s (N,) bf16, corr = optional zero-point
-// correction (N,)), 3 integer dot (int_dot.py / qdot.h: w codes, s (N, G), zs (N, G), bits, g).
+// correction (N,)), 3 integer dot (int_dot.py / qdot.h: w codes, s (N, G) scales and z (N, G) zero
+// points in the artifact's scale dtype, bits, g).
 struct Lin {
   int64_t kind = 0, K = 0, Kp = 0, N = 0, Np = 0, go = 0, bits = 0, g = 0, G = 0;
-  at::Tensor w, s, zs, corr, bias;
+  at::Tensor w, s, z, corr, bias;
 
   qdot::W qw() const {
     qdot::W q;
     q.bits = bits; q.N = N; q.K = K; q.Kp = Kp; q.g = g; q.G = G;
     q.codes = w.data_ptr<uint8_t>();
-    q.s = s.data_ptr<float>();
-    q.zs = zs.data_ptr<float>();
+    q.sfmt = sfmt(s);
+    q.s = s.data_ptr();
+    q.z = z.data_ptr();
     q.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
     return q;
   }
@@ -541,7 +553,7 @@ at::Tensor exp_only(at::Tensor x) {
 
 // The integer-dot linear as a function, for the graph's kernel (int_dot.py) and its tests; isa
 // −1 picks the best this CPU has, 0/1/2 forces one (tests run every path the CPU can).
-at::Tensor qlinear(at::Tensor x, at::Tensor codes, at::Tensor s, at::Tensor zs,
+at::Tensor qlinear(at::Tensor x, at::Tensor codes, at::Tensor s, at::Tensor z,
                    c10::optional<at::Tensor> bias, int64_t bits, int64_t K, int64_t g, int64_t isa) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == K, "qlinear: x (M, K) fp32");
   TORCH_CHECK(isa <= qdot::best_isa(), "qlinear: this CPU cannot run ISA ", isa);
@@ -550,9 +562,11 @@ at::Tensor qlinear(at::Tensor x, at::Tensor codes, at::Tensor s, at::Tensor zs,
   l.N = codes.size(0); l.g = g; l.G = s.size(1);
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() &&
               codes.size(1) == (bits == 4 ? l.Kp / 2 : l.Kp) && (bits == 4 || bits == 8) &&
-              g > 0 && g % qdot::CH == 0 && l.G == (K + g - 1) / g && s.size(0) == l.N,
+              g > 0 && g % qdot::CH == 0 && l.G == (K + g - 1) / g && s.size(0) == l.N &&
+              z.sizes() == s.sizes() && z.scalar_type() == s.scalar_type(),
               "qlinear: operands are not in qdot.h's layout");
-  l.w = codes; l.s = s.contiguous(); l.zs = zs.contiguous();
+  sfmt(s);
+  l.w = codes; l.s = s.contiguous(); l.z = z.contiguous();
   if (bias) l.bias = bias->contiguous();
   return l.rows(x, isa);
 }
@@ -582,7 +596,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("kind", &Lin::kind).def_readwrite("K", &Lin::K).def_readwrite("Kp", &Lin::Kp)
       .def_readwrite("N", &Lin::N).def_readwrite("Np", &Lin::Np).def_readwrite("go", &Lin::go)
       .def_readwrite("bits", &Lin::bits).def_readwrite("g", &Lin::g).def_readwrite("G", &Lin::G)
-      .def_readwrite("zs", &Lin::zs)
+      .def_readwrite("z", &Lin::z)
       .def_readwrite("w", &Lin::w).def_readwrite("s", &Lin::s).def_readwrite("corr", &Lin::corr)
       .def_readwrite("bias", &Lin::bias)
       .def("__call__", &Lin::operator());
@@ -607,7 +621,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_kv", &Engine::set_kv)
       .def("step", &Engine::step, py::call_guard<py::gil_scoped_release>());
   m.def("qlinear", &qlinear, "integer-dot linear (qdot.h) of x (M, K) fp32 on prepared operands",
-        py::arg("x"), py::arg("codes"), py::arg("s"), py::arg("zs"), py::arg("bias"),
+        py::arg("x"), py::arg("codes"), py::arg("s"), py::arg("z"), py::arg("bias"),
         py::arg("bits"), py::arg("K"), py::arg("g"), py::arg("isa") = -1,
         py::call_guard<py::gil_scoped_release>());
   m.def("quantize_act", &quantize_act, "qdot.h's activation rounding of x (M, K): (q1, q2, e = d/128)");

@@ -37,7 +37,9 @@
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
+#include <c10/util/Half.h>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace qdot {
@@ -143,14 +145,64 @@ struct Act {
   }
 };
 
+// The dtype of a prepared weight's scales and zero points: the artifact's own (fp16 by default),
+// kept as stored rather than widened to fp32 when prepared, so a g128 int4 decode step reads 4
+// bytes of them per group instead of 8 (1/16 of the int4 bytes it streams, measured 3.3 MB of
+// SmolLM2's 88 MB per token). gemm_many widens one tile's worth at a time (exactly: fp16 and
+// bf16 are subsets of fp32).
+enum SFmt : int64_t { F32 = 0, F16 = 1, BF16 = 2 };
+
 // A prepared weight (pointers into tensors the caller keeps alive).
 struct W {
   int64_t bits = 4, N = 0, K = 0, Kp = 0, g = 0, G = 0;   // g: group width (multiple of CH)
+  int64_t sfmt = F32;           // dtype of s and z
   const uint8_t* codes = nullptr;
-  const float* s = nullptr;     // (N, G)
-  const float* zs = nullptr;    // (N, G): z · s
+  const void* s = nullptr;      // (N, G) scales
+  const void* z = nullptr;      // (N, G) zero points (codes units)
   const float* bias = nullptr;  // (N) or null
 };
+
+// dst[0..n) = fp32 of n values of format f at src + `at` elements
+inline void widen_portable(int64_t f, const void* src, int64_t at, float* dst, int64_t n) {
+  const uint16_t* p = static_cast<const uint16_t*>(src) + at;
+  for (int64_t i = 0; i < n; ++i) {
+    if (f == F32) {
+      dst[i] = static_cast<const float*>(src)[at + i];
+    } else if (f == F16) {
+      dst[i] = c10::detail::fp16_ieee_to_fp32_value(p[i]);
+    } else {
+      const uint32_t u = static_cast<uint32_t>(p[i]) << 16;
+      std::memcpy(dst + i, &u, 4);
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+inline void widen_avx512(int64_t f, const void* src, int64_t at, float* dst, int64_t n) {
+  const uint16_t* p = static_cast<const uint16_t*>(src) + at;
+  int64_t i = 0;
+  for (; f != F32 && i + 16 <= n; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+    _mm512_storeu_ps(dst + i, f == F16 ? _mm512_cvtph_ps(h)
+                                       : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+  widen_portable(f, src, at + i, dst + i, n - i);
+}
+
+__attribute__((target("avx2,fma,f16c")))
+inline void widen_avx2(int64_t f, const void* src, int64_t at, float* dst, int64_t n) {
+  const uint16_t* p = static_cast<const uint16_t*>(src) + at;
+  int64_t i = 0;
+  for (; f == F16 && i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
+  widen_portable(f, src, at + i, dst + i, n - i);
+}
+
+inline void widen(int64_t isa, int64_t f, const void* src, int64_t at, float* dst, int64_t n) {
+  if (isa == AVX512VNNI) widen_avx512(f, src, at, dst, n);
+  else if (isa == AVX2) widen_avx2(f, src, at, dst, n);
+  else widen_portable(f, src, at, dst, n);
+}
 
 // Chunk `ch` of a row's codes as 64 unsigned bytes (int4: low nibbles are the first 32 codes).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
@@ -364,7 +416,15 @@ inline void gemm_many(const W* const* ws, float* const* ys, const int64_t* lds, 
         jobs[i].X[m * w.G + std::min(w.G - 1, b * XB / w.g)] += acts[m].xs[b];
     first[i + 1] = first[i] + (w.N + TILE - 1) / TILE;
   }
+  int64_t Gmax = 0;
+  for (int64_t i = 0; i < nw; ++i) Gmax = std::max(Gmax, ws[i]->G);
   at::parallel_for(0, first[nw], 1, [&](int64_t t0, int64_t t1) {
+    // one tile's s and z·s in fp32; per thread, kept across calls (a step makes ~150 of them)
+    thread_local std::vector<float> sbuf, zsbuf;
+    if (static_cast<int64_t>(sbuf.size()) < TILE * Gmax) {
+      sbuf.resize(TILE * Gmax);
+      zsbuf.resize(TILE * Gmax);
+    }
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
       const Job& job = jobs[i];
@@ -373,6 +433,11 @@ inline void gemm_many(const W* const* ws, float* const* ys, const int64_t* lds, 
       // AVX2 recentres int8 codes by 128 (see row_avx2): the zero coefficient gains 128·s
       const float off = (isa == AVX2 && w.bits == 8) ? 128.0f : 0.0f;
       const int64_t n0 = (t - first[i]) * TILE, n1 = std::min(w.N, n0 + TILE);
+      // the tile's scales and z·s in fp32 (z·s is the fp32 product int_dot.py's reference forms)
+      const int64_t nsz = (n1 - n0) * w.G;
+      widen(isa, w.sfmt, w.s, n0 * w.G, sbuf.data(), nsz);
+      widen(isa, w.sfmt, w.z, n0 * w.G, zsbuf.data(), nsz);
+      for (int64_t j = 0; j < nsz; ++j) zsbuf[j] *= sbuf[j];
       for (int64_t m = 0; m < M;) {
         const int64_t r = (isa == AVX512VNNI && M - m >= 4) ? 4 : 1;
         const bool four = r == 1 && isa == AVX512VNNI && w.bits == 4;   // 4 weight rows at once
@@ -382,9 +447,11 @@ inline void gemm_many(const W* const* ws, float* const* ys, const int64_t* lds, 
           // a GEMV streams its codes from DRAM once per token and computes little per byte:
           // fetching PF bytes ahead keeps more misses in flight than the hardware prefetcher
           // does (measured ~10% on a 3072×576 int4 GEMV from DRAM, 2 threads)
+          // (measured against a window PF beyond the rows this iteration reads, as a long
+          // down_proj row group would suggest: not better, 5% worse on a 576×1536 GEMV)
           if (m == 0)
             for (int64_t o = 0; o < nr * rb; o += 64) _mm_prefetch(reinterpret_cast<const char*>(c + PF + o), _MM_HINT_T0);
-          const float* s = w.s + n * w.G;
+          const float* s = sbuf.data() + (n - n0) * w.G;
           float v[4];
           if (nr == 4) wrows4_avx512<4>(c, rb, acts[m], s, w.G, nch, cpg, v);
           else if (r == 4) rows_avx512<4>(w.bits, c, acts + m, s, nch, cpg, v);
@@ -395,8 +462,8 @@ inline void gemm_many(const W* const* ws, float* const* ys, const int64_t* lds, 
           for (int64_t k = 0; k < std::max(r, nr); ++k) {
             const int64_t mi = m + (r > 1 ? k : 0), ni = n + (nr > 1 ? k : 0);
             const float* X = job.X.data() + mi * w.G;
-            const float* sn = w.s + ni * w.G;
-            const float* zn = w.zs + ni * w.G;
+            const float* sn = sbuf.data() + (ni - n0) * w.G;
+            const float* zn = zsbuf.data() + (ni - n0) * w.G;
             float u = v[k];
             for (int64_t g = 0; g < w.G; ++g) u += (off * sn[g] - zn[g]) * X[g];
             job.y[mi * job.ld + ni] = w.bias ? u + w.bias[ni] : u;
