@@ -21,7 +21,8 @@ Applies to bits 4 and 8 with one group per row or a group width that is a multip
 VNNI, AVX2, portable) is picked at run time inside the extension.
 
 Prepared operands are cached on the module like cpu_int's (same invalidation rules): codes in
-qdot.h's layout, s (N, G) and z·s (N, G) in fp32.
+qdot.h's layout, scales s (N, G) and zero points z (N, G) in the artifact's scale dtype (the
+kernel widens them per tile and forms z·s in fp32).
 """
 from __future__ import annotations
 

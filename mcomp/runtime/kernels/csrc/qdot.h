@@ -21,6 +21,7 @@
 //   int4: (N, Kp/2) bytes; chunk c of a row is 32 bytes whose low nibbles are codes 64c..64c+31
 //         and high nibbles 64c+32..64c+63: one AND and one shift give two 32-code blocks.
 //   int8: (N, Kp) bytes, the codes themselves.
+//   s, z: (N, G) scales and zero points, fp32, fp16 or bf16 as the artifact stores them (W.sfmt).
 // Kp = K rounded up to 64; padded activations are 0, so padded codes contribute nothing.
 //
 // Decode (one activation row) is latency- and issue-bound per weight row more than by bandwidth
