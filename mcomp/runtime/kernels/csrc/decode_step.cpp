@@ -326,12 +326,18 @@ void attend_t(const Layer& L, const float* q, int64_t lo, int64_t hi, float* out
     }
 }
 
-void attend(const Layer& L, const float* q, int64_t lo, int64_t hi, float* out) {
+// f(T{}) for the storage type T of a layer's dense cache (set_kv admits only these three)
+template <typename F>
+void by_kv_type(const Layer& L, F&& f) {
   switch (L.kbuf.scalar_type()) {
-    case at::kHalf: return attend_t<at::Half>(L, q, lo, hi, out);
-    case at::kBFloat16: return attend_t<at::BFloat16>(L, q, lo, hi, out);
-    default: return attend_t<float>(L, q, lo, hi, out);
+    case at::kHalf: return f(at::Half{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    default: return f(float{});
   }
+}
+
+void attend(const Layer& L, const float* q, int64_t lo, int64_t hi, float* out) {
+  by_kv_type(L, [&](auto t) { attend_t<decltype(t)>(L, q, lo, hi, out); });
 }
 
 // write the new token's K/V rows (Hkv × D fp32) at row n of the cache's buffers, rounded to the
@@ -349,11 +355,7 @@ void write_kv_t(const Layer& L, const float* k, const float* v, int64_t n) {
 }
 
 void write_kv(const Layer& L, const float* k, const float* v, int64_t n) {
-  switch (L.kbuf.scalar_type()) {
-    case at::kHalf: return write_kv_t<at::Half>(L, k, v, n);
-    case at::kBFloat16: return write_kv_t<at::BFloat16>(L, k, v, n);
-    default: return write_kv_t<float>(L, k, v, n);
-  }
+  by_kv_type(L, [&](auto t) { write_kv_t<decltype(t)>(L, k, v, n); });
 }
 
 // half-split RoPE (rotate_half) of every head of x (H heads × D) with cos/sin (D/2 each)
