@@ -55,3 +55,11 @@ class KernelUnavailable(MCompError):
     """No kernel can execute a stored format on this machine."""
 
     exit_code = 4
+
+
+class ExportError(MCompError):
+    """The model holds something the chosen export target cannot express (a KV representation
+    onnxruntime has no kernel for, a weight format its ops refuse). Names the representation
+    and what can be exported instead."""
+
+    exit_code = 2

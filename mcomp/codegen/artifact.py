@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +34,8 @@ from ..compiler.frontend.base import TOKENIZER_FILES
 from ..compiler.spec import ModelSpec
 from ..errors import ArtifactError, ConfigError, MCompError
 from ..quant.embedding import EMBED, HEAD, head_is_tied, tie_head
+from .emit import (ARTIFACT, EmitContext, extra_emitters, fsync, options_json, sha256,
+                   swap_into_place)
 from .manifest import (DIGEST_KEY, EMBED_FORMAT_VERSION, FORMAT, FORMAT_VERSION, MANIFEST_NAME,
                        ST_DTYPES, SUPPORTED_FORMAT_VERSIONS, WEIGHTS_NAME, TensorInfo,
                        build_skeleton, compare_tensors, describe_linears, dtype_name,
@@ -42,11 +44,7 @@ from .manifest import (DIGEST_KEY, EMBED_FORMAT_VERSION, FORMAT, FORMAT_VERSION,
 
 log = logging.getLogger("mcomp.codegen")
 
-_CHUNK = 1 << 20
 _MAX_HEADER = 100 << 20          # safetensors' own limit on the JSON header
-_rename = os.rename              # indirection so tests can fail the swap
-
-
 def _mcomp_version() -> str:
     try:
         import mcomp
@@ -61,31 +59,6 @@ def _one_line(msg: str) -> str:
 
 def _fail(msg: str) -> ArtifactError:
     return ArtifactError(_one_line(msg))
-
-
-# ----------------------------------------------------------------------------- file helpers
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file or (where the OS allows it) a directory."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        if path.is_dir():  # directories cannot be opened for fsync on some platforms
-            return
-        raise
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_artifact_dir(path: Path) -> bool:
@@ -159,16 +132,20 @@ def _write_manifest(path: Path, manifest: dict) -> None:
 
 
 def _build(tmp: Path, gm: fx.GraphModule, spec: ModelSpec, weights: dict, tensors: dict,
-           tok_files: list[str], tokenizer_dir: Path | None, source: str, report, pass_log, recipe) -> None:
+           tok_files: list[str], tokenizer_dir: Path | None, source: str, report, pass_log, recipe,
+           emitters, ectx: EmitContext) -> None:
     version = format_version_for(weights)
     save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=safetensors_metadata(version))
     for name in tok_files:
         shutil.copyfile(tokenizer_dir / name, tmp / name)
+    emitted = []
+    for e in emitters:      # other targets' files next to the artifact, listed and verified with it
+        emitted += e.write(gm, tmp, ectx)
     files = {}
-    for name in [WEIGHTS_NAME, *tok_files]:
+    for name in [WEIGHTS_NAME, *tok_files, *emitted]:
         p = tmp / name
-        _fsync(p)
-        files[name] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        fsync(p)
+        files[name] = {"sha256": sha256(p), "bytes": p.stat().st_size}
     log_entries = _pass_log(report, pass_log)
     report_dict = None
     if report is not None:
@@ -187,40 +164,26 @@ def _build(tmp: Path, gm: fx.GraphModule, spec: ModelSpec, weights: dict, tensor
         "recipe": recipe,
         "report": report_dict,
         "tokenizer": {"files": tok_files},
+        "emitted": options_json({e.name: ectx.options.get(e.name) for e in emitters}),
         "files": files,
     })
     manifest[DIGEST_KEY] = manifest_digest(manifest)
     _write_manifest(tmp / MANIFEST_NAME, manifest)
-    _fsync(tmp)
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an existing `out` is renamed away first and restored on failure."""
-    if not (out.exists() or out.is_symlink()):
-        _rename(tmp, out)
-    else:
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()  # only the unique name is wanted
-        _rename(out, old)
-        try:
-            _rename(tmp, out)
-        except BaseException:
-            _rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-        if old.exists():
-            log.warning("could not remove the previous artifact at %s", old)
-    _fsync(out.parent)
+    fsync(tmp)
 
 
 def save_artifact(gm: fx.GraphModule, out_dir: str | os.PathLike, *,
                   tokenizer_dir: str | os.PathLike | None, source: str, report=None,
-                  pass_log=None, recipe: Mapping | None = None, overwrite: bool = True) -> Path:
+                  pass_log=None, recipe: Mapping | None = None, overwrite: bool = True,
+                  emit: Sequence[str] = (ARTIFACT,), emit_options: Mapping | None = None) -> Path:
     """Write `gm` as an artifact at `out_dir` atomically; returns the artifact's path.
 
     `report`: a compiler Report (or its dict); `pass_log`: a list of `Pass.describe()`-like
     dicts (or Pass objects), default: the report's pass records; `recipe`: the resolved recipe
-    (`Recipe.to_dict()`), stored so the artifact says exactly how it was made.
+    (`Recipe.to_dict()`), stored so the artifact says exactly how it was made. `emit`: other
+    registered emitters (codegen/emit.py, e.g. "onnx") whose files are written into the same
+    directory, listed in the manifest and committed with the artifact in one rename;
+    `emit_options`: emitter name → its options.
     """
     out = Path(out_dir).expanduser().resolve()
     spec = ir.get_spec(gm)
@@ -230,14 +193,19 @@ def save_artifact(gm: fx.GraphModule, out_dir: str | os.PathLike, *,
         raise ConfigError(f"tokenizer directory {tok_dir} does not exist")
     tok_files = [] if tok_dir is None else [n for n in TOKENIZER_FILES if (tok_dir / n).is_file()]
     weights, tensors = _tensors_to_write(gm, spec, out)
+    emitters = extra_emitters(emit)
+    ectx = EmitContext(source=str(source), tokenizer_dir=tok_dir, options=dict(emit_options or {}))
+    for e in emitters:                       # refusals before anything is written
+        e.check(gm, ectx)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
         raise _fail(f"cannot write artifact {out}: {e}") from e
     try:
-        _build(tmp, gm, spec, weights, tensors, tok_files, tok_dir, source, report, pass_log, recipe)
-        _swap_into_place(tmp, out)
+        _build(tmp, gm, spec, weights, tensors, tok_files, tok_dir, source, report, pass_log, recipe,
+               emitters, ectx)
+        swap_into_place(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
@@ -331,7 +299,7 @@ def _check_files(root: Path, files: dict, mpath: Path) -> None:
         if have > size:
             raise _fail(f"{p} has {have} bytes, {MANIFEST_NAME} lists {size} (the file was modified)")
     for p, _, sha in entries:
-        got = _sha256(p)
+        got = sha256(p)
         if got != sha:
             raise _fail(f"{p}: sha256 mismatch, the file is corrupted or was modified "
                         f"(got {got[:16]}…, {MANIFEST_NAME} lists {sha[:16]}…)")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mcomp.codegen import artifact as A
+from mcomp.codegen import emit as E
 from mcomp.codegen import load_artifact, save_artifact, verify_artifact
 from mcomp.codegen.manifest import DIGEST_KEY, FORMAT, implied_tensors, manifest_digest
 from mcomp.compiler import ir
@@ -387,7 +388,7 @@ def test_failed_swap_restores_previous_artifact(saved, monkeypatch):
             raise OSError(28, "No space left on device")
         real(src, dst)
 
-    monkeypatch.setattr(A, "_rename", flaky)
+    monkeypatch.setattr(E, "_rename", flaky)
     gm2, _ = _compile(_spec(), [FuseQKV()], seed=1)
     with pytest.raises(ArtifactError, match="cannot write artifact") as e:
         save_artifact(gm2, path, tokenizer_dir=None, source="second")
