@@ -19,6 +19,7 @@ from .compiler import ir
 from .compiler.context import CompileContext
 from .compiler.frontend import DEFAULT_MODEL, import_model
 from .compiler.manager import PassManager, Report
+from .errors import ConfigError
 from .compiler.recipe import (Recipe, parse_budget_flags, parse_kv_flag, parse_prune_flag,
                               parse_weights_flag)
 
@@ -89,13 +90,19 @@ def optimize(model: str | os.PathLike = DEFAULT_MODEL, recipe: Recipe | str | os
              weight_budget: str | int | None = None, weight_bits: float | None = None,
              calib: str | os.PathLike | None = None,
              out: str | os.PathLike | None = None,
+             emit: str | tuple[str, ...] | None = None, emit_options: dict | None = None,
              on_pass: Callable[[int, int, str], None] | None = None,
              on_layer: Callable[[int, int, dict], None] | None = None) -> CompileResult:
     """Import `model`, run the recipe's passes (verified after each), optionally write an artifact.
 
     `weight_budget="60MB"` (total weight bytes after compression) or `weight_bits=3.5` plan
     mixed precision (see docs/recipes.md); `on_layer(layer, n_layers, stats)` is given to every
-    pass with a per-layer progress hook (calibrated quantizers, mixed-precision sensitivity)."""
+    pass with a per-layer progress hook (calibrated quantizers, mixed-precision sensitivity).
+    `emit="safetensors,onnx"` also writes the ONNX export into the artifact folder (one atomic
+    write); `emit="onnx"` writes only the export (codegen/emit.py); `emit_options` maps an
+    emitter to its options, e.g. {"onnx": {"accuracy_level": 0}}."""
+    from .codegen.emit import ARTIFACT, parse_emit
+    formats = parse_emit(emit)          # bad --emit fails before the compile, not after it
     r = resolve_recipe(recipe, weights, prune, kv, weight_budget=weight_budget,
                        weight_bits=weight_bits)
     if on_layer is not None:
@@ -115,9 +122,33 @@ def optimize(model: str | os.PathLike = DEFAULT_MODEL, recipe: Recipe | str | os
     result = CompileResult(gm=gm, report=report, recipe=r, tokenizer=tok, tokenizer_dir=imported.hf_dir)
     if out is not None:
         from .codegen import save_artifact
-        result.artifact = save_artifact(gm, out, tokenizer_dir=imported.hf_dir, source=str(model),
-                                        report=report, recipe=r.to_dict())
+        from .codegen.emit import EmitContext, write_export
+        if ARTIFACT in formats:
+            result.artifact = save_artifact(gm, out, tokenizer_dir=imported.hf_dir, source=str(model),
+                                            report=report, recipe=r.to_dict(), emit=formats,
+                                            emit_options=emit_options)
+        else:
+            ectx = EmitContext(source=str(model), tokenizer_dir=Path(imported.hf_dir),
+                               options=dict(emit_options or {}))
+            result.artifact = write_export(gm, out, formats, ctx=ectx)
     return result
+
+
+def export(artifact: str | os.PathLike, out: str | os.PathLike, format: str = "onnx",
+           options: dict | None = None) -> Path:
+    """Export a written mcomp artifact (verified on load) to another target's folder, e.g.
+    `export("out/smollm2-int4", "out/smollm2-int4-onnx")` → model.onnx + genai_config.json +
+    tokenizer files, written atomically."""
+    from .codegen import load_artifact
+    from .codegen.emit import ARTIFACT, EmitContext, parse_emit, write_export
+    formats = parse_emit(format)
+    if ARTIFACT in formats:
+        raise ConfigError(f"{artifact} is already an mcomp artifact; export it to another format "
+                          "(onnx)")
+    loaded = load_artifact(artifact)
+    ectx = EmitContext(source=str(loaded.path), tokenizer_dir=loaded.tokenizer_dir,
+                       options={f: options for f in formats} if options else {})
+    return write_export(loaded.gm, out, formats, ctx=ectx)
 
 
 def _scheme_label(mod) -> str:

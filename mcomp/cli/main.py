@@ -116,9 +116,16 @@ TARGET_HELP = "An artifact directory, or anything MODEL accepts."
 @click.option("--calib", type=click.Path(dir_okay=False), help="Calibration text file (default: embedded Austen sample).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Artifact directory to write "
               "(default: out/<model>-<recipe>).")
+@click.option("--emit", default="safetensors", show_default=True, metavar="FORMATS",
+              help="What to write, comma-separated: safetensors (the mcomp artifact), onnx "
+              "(model.onnx + genai_config.json for onnxruntime / onnxruntime-genai). "
+              "'safetensors,onnx' puts both in one folder.")
+@click.option("--onnx-accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="MatMulNBits compute type of the ONNX export: 4 (default) int8 activations, "
+              "onnxruntime's fast CPU path; 0 fp32 activations.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def optimize(model, preset, recipe_file, weights, weight_budget, weight_bits, prune, kv, calib,
-             out_dir, as_json):
+             out_dir, emit, onnx_accuracy_level, as_json):
     """Import MODEL, run a verified pass pipeline, write an artifact and print its report."""
     from .. import api
     if preset and recipe_file:
@@ -139,8 +146,9 @@ def optimize(model, preset, recipe_file, weights, weight_budget, weight_bits, pr
             phase = stats.get("phase", "layer")
             update(at["i"], at["n"], f"{at['name']}: {phase} {layer + 1}/{n_layers}")
 
-        result = api.optimize(model, recipe, calib=calib, out=out_dir, on_pass=on_pass,
-                              on_layer=on_layer)
+        onnx_opts = {} if onnx_accuracy_level is None else {"accuracy_level": onnx_accuracy_level}
+        result = api.optimize(model, recipe, calib=calib, out=out_dir, emit=emit,
+                              emit_options={"onnx": onnx_opts}, on_pass=on_pass, on_layer=on_layer)
     rep = result.report.to_dict()
     if as_json:
         out.print_json(json.dumps({"artifact": str(result.artifact), "recipe": recipe.to_dict(),
@@ -177,6 +185,30 @@ def optimize(model, preset, recipe_file, weights, weight_budget, weight_bits, pr
                   "(`mcomp inspect` for the table)")
     out.print(f"artifact: [bold]{result.artifact}[/bold]  (probe drift measured on the embedded "
               f"evaluation text; run `mcomp eval {result.artifact} --base {model}` for KL/perplexity)")
+
+
+# ----------------------------------------------------------------------------- export
+@cli.command()
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", default="onnx", show_default=True, help="Target format.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder to write (a new or empty folder, or an earlier mcomp export).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="onnx: MatMulNBits compute type, 4 (default) int8 activations, 0 fp32.")
+@click.option("--max-length", type=click.IntRange(1), default=None,
+              help="onnx: positions the rotary caches cover, genai's context_length "
+              "(default: the model's positions, at most 4096).")
+def export(artifact, fmt, out_dir, accuracy_level, max_length):
+    """Export a written ARTIFACT to another runtime's format (onnx: onnxruntime, onnxruntime-genai)."""
+    from .. import api
+    opts = {k: v for k, v in (("accuracy_level", accuracy_level), ("max_length", max_length))
+            if v is not None}
+    with _progress("export") as update:
+        update(0, 1, f"lowering to {fmt}")
+        path = api.export(artifact, out_dir, fmt, opts)
+        update(1, 1, "written")
+    total = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    out.print(f"{fmt} export: [bold]{path}[/bold] ({_mb(total)})")
 
 
 # ----------------------------------------------------------------------------- run
@@ -480,6 +512,38 @@ def bench_anchors(model, ctxs, weights, llama_quants, llama_kv, threads, rounds,
         out.print_json(json.dumps(res))
     else:
         out.print(ab.to_markdown(res))
+
+
+@bench.command("onnx")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
+@click.option("--weights", "weights", multiple=True, default=("rtn:4:g128:emb8", "gptq:4:g64:emb4g32"),
+              show_default=True, help="--weights spec per mcomp row (each gives a runtime row and "
+              "an onnxruntime-genai row on its export); repeat for several.")
+@click.option("--ctx", "ctxs", multiple=True, type=click.IntRange(2), default=(128, 2048),
+              show_default=True, help="Decode context length(s); repeat for several.")
+@click.option("--no-builder", is_flag=True, help="Leave out the onnxruntime-genai builder's int4 row.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--out", "out_file", default="docs/benchmarks.md", show_default=True,
+              type=click.Path(dir_okay=False), help="Markdown file whose onnx section is replaced.")
+@click.option("--no-write", is_flag=True, help="Do not write the markdown section.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_onnx(model, weights, ctxs, no_builder, threads, rounds, out_file, no_write, as_json):
+    """mcomp runtime vs onnxruntime-genai on mcomp's ONNX export vs onnxruntime-genai on the
+    builder's int4 model: prefill/decode tok/s, file size, KL vs fp32, in one run."""
+    from pathlib import Path
+
+    from ..bench import onnx as ob
+    cfg = ob.OnnxBenchConfig(model=model, weights=tuple(weights), contexts=tuple(ctxs),
+                             threads=threads, rounds=rounds, builder=not no_builder)
+    with _progress("bench onnx", enabled=not as_json) as update:
+        res = ob.run(cfg, progress=lambda text: update(0, None, text))
+    if not no_write:
+        ob.write_report(res, Path(out_file))
+    if as_json:
+        out.print_json(json.dumps(res))
+    else:
+        out.print(ob.to_markdown(res))
 
 
 @bench.command("attention")
