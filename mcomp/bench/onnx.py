@@ -239,6 +239,6 @@ def write_report(res: dict, path: Path, name: str = "onnx") -> None:
     cfg = res["config"]
     body = (f"## ONNX export: mcomp runtime vs onnxruntime-genai (mcomp's export, the builder's int4), {cfg['model']}\n\n"
             f"Command: `{command(OnnxBenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}))}`\n\n"
-            + to_markdown(res) + f"\n<details><summary>raw results</summary>\n\n```json\n"
+            + to_markdown(res) + "\n<details><summary>raw results</summary>\n\n```json\n"
             + json.dumps(res, indent=1) + "\n```\n</details>")
     write_section(path, f"{name}-{cfg['model']}", body)

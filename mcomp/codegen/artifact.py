@@ -14,7 +14,6 @@ and shape. Every failure is an ArtifactError with a one-line message naming the 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os

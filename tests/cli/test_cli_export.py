@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +42,19 @@ def test_emit_both_writes_one_verified_folder(tiny_hf, tmp_path):
     data.write_bytes(data.read_bytes()[:-1] + b"\x01")
     with pytest.raises(ArtifactError, match="model.onnx.data"):
         verify_artifact(out)
+
+
+def test_emit_onnx_alone_writes_an_export_not_an_artifact(tiny_hf, tmp_path):
+    out = tmp_path / "only"
+    r = mcomp("optimize", tiny_hf, "--weights", "rtn:4:g32", "--emit", "onnx",
+              "--onnx-accuracy-level", "0", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert not (out / "model.safetensors").exists() and not (out / "manifest.json").exists()
+    assert json.loads((out / "mcomp_export.json").read_text())["formats"] == ["onnx"]
+    assert "export:" in r.stdout and "mcomp eval" not in r.stdout
+    vocab = json.loads((Path(tiny_hf) / "config.json").read_text())["vocab_size"]
+    got = OrtDecoder(out).logits(IDS)
+    assert got.shape == (len(IDS), vocab) and np.isfinite(got).all()
 
 
 def test_export_command_and_reexport(artifact, tmp_path):

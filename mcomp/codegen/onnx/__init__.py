@@ -10,6 +10,7 @@ model.py, the genai config in genai.py.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -48,11 +49,9 @@ class OnnxEmitter:
     name = "onnx"
 
     def check(self, gm: fx.GraphModule, ctx: EmitContext) -> None:
-        try:
-            import onnx_ir  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("onnx_ir") is None:
             raise ConfigError("the onnx emitter needs onnx-ir and onnxruntime: "
-                              "pip install 'mcomp[onnx]'") from None
+                              "pip install 'mcomp[onnx]'")
         from .model import check_model
         spec = mir.get_spec(gm)
         check_model(spec)
