@@ -13,8 +13,9 @@ Speed: every (row, round) in its own spawned process, rows alternating within a 
 over rounds; random token ids (content does not change speed). Prefill: one forward over
 `prefill_tokens` tokens. Decode at context C: a C-token prompt, then `decode_steps` greedy
 tokens, timed after the first. Quality: KL(fp32 ‖ row) per token and top-1 agreement on the
-embedded evaluation text (BOS + 511-token windows), the fp32 model being mcomp's import of the
-same folder; ONNX rows through plain onnxruntime on the same graph genai runs.
+embedded evaluation text (BOS + 511-token windows), and on each `texts` file (other domains:
+calibration is Austen, and one domain flatters a calibrated quantizer), the fp32 model being
+mcomp's import of the same folder; ONNX rows through plain onnxruntime on the same graph genai runs.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class OnnxBenchConfig:
     kl_tokens: int = 4096
     kl_ctx: int = 512
     builder: bool = True
+    texts: tuple[str, ...] = ()      # extra evaluation texts (files), KL per text
 
 
 def _tokens(n: int, vocab: int) -> list[int]:
@@ -106,9 +108,19 @@ def _onnx_bytes(folder: Path) -> int:
     return sum((folder / n).stat().st_size for n in ("model.onnx", "model.onnx.data"))
 
 
+def _eval_texts(cfg: OnnxBenchConfig) -> dict[str, str]:
+    """label → text: the embedded evaluation text first, then each --text file by its name."""
+    from mcomp import data
+    texts = {"persuasion": data.evaluation_text()}
+    for f in cfg.texts:
+        texts[Path(f).name] = Path(f).read_text(encoding="utf-8", errors="replace")
+    return texts
+
+
 def _quality(rows, cfg: OnnxBenchConfig, progress=None) -> None:
-    """KL(fp32 ‖ row) and top-1 on the evaluation windows, filled into each row."""
-    from mcomp import api, data
+    """KL(fp32 ‖ row) and top-1 on the evaluation windows of every text, filled into each row:
+    `kld`/`top1` for the embedded text, `kld_by_text`/`top1_by_text` for all of them."""
+    from mcomp import api
     from mcomp.codegen import load_artifact
     from mcomp.codegen.onnx.run import OrtDecoder
     from mcomp.compiler import ir
@@ -118,24 +130,32 @@ def _quality(rows, cfg: OnnxBenchConfig, progress=None) -> None:
     imp = import_model(cfg.model)
     base = ir.build(imp.spec, imp.state_dict)
     sess = api.load(rows[0]["path"])
-    wins = sess.windows(data.evaluation_text(), cfg.kl_ctx, cfg.kl_tokens)       # (W, ctx)
-    with torch.inference_mode():
-        ref = [base(w[None], torch.arange(w.numel())[None])[0, :-1] for w in wins]
     for r in rows:
-        if progress:
-            progress(f"quality: {r['config']}")
-        if r["kind"] == "mcomp":
-            gm = load_artifact(r["path"]).gm
-            with torch.inference_mode():
-                outs = [gm(w[None], torch.arange(w.numel())[None])[0, :-1] for w in wins]
-            del gm
-        else:
-            dec = OrtDecoder(r["path"], threads=cfg.threads)
-            outs = [torch.from_numpy(dec.logits(w.tolist()))[:-1] for w in wins]
-            del dec
-        kl = torch.cat([metrics.token_kl(a, b).double() for a, b in zip(ref, outs)])
-        top1 = torch.cat([metrics.token_top1(a, b) for a, b in zip(ref, outs)])
-        r.update(kld=float(kl.mean()), top1=float(top1.float().mean()), tokens_scored=kl.numel())
+        r.update(kld_by_text={}, top1_by_text={}, tokens_by_text={})
+    for label, text in _eval_texts(cfg).items():
+        wins = sess.windows(text, cfg.kl_ctx, cfg.kl_tokens)                    # (W, ctx)
+        with torch.inference_mode():
+            ref = [base(w[None], torch.arange(w.numel())[None])[0, :-1] for w in wins]
+        for r in rows:
+            if progress:
+                progress(f"quality on {label}: {r['config']}")
+            if r["kind"] == "mcomp":
+                gm = load_artifact(r["path"]).gm
+                with torch.inference_mode():
+                    outs = [gm(w[None], torch.arange(w.numel())[None])[0, :-1] for w in wins]
+                del gm
+            else:
+                dec = OrtDecoder(r["path"], threads=cfg.threads)
+                outs = [torch.from_numpy(dec.logits(w.tolist()))[:-1] for w in wins]
+                del dec
+            kl = torch.cat([metrics.token_kl(a, b).double() for a, b in zip(ref, outs)])
+            top1 = torch.cat([metrics.token_top1(a, b) for a, b in zip(ref, outs)])
+            r["kld_by_text"][label] = float(kl.mean())
+            r["top1_by_text"][label] = float(top1.float().mean())
+            r["tokens_by_text"][label] = kl.numel()
+    for r in rows:
+        r.update(kld=r["kld_by_text"]["persuasion"], top1=r["top1_by_text"]["persuasion"],
+                 tokens_scored=r["tokens_by_text"]["persuasion"])
 
 
 def run(cfg: OnnxBenchConfig = OnnxBenchConfig(), progress=None) -> dict:
@@ -203,6 +223,7 @@ def command(cfg: OnnxBenchConfig) -> str:
     parts = [f"mcomp bench onnx --model {cfg.model}"]
     parts += [f"--weights {w}" for w in cfg.weights]
     parts += [f"--ctx {c}" for c in cfg.contexts]
+    parts += [f"--text {t}" for t in cfg.texts]
     parts.append(f"--threads {cfg.threads} --rounds {cfg.rounds}")
     return " ".join(parts)
 
@@ -213,23 +234,29 @@ def to_markdown(res: dict) -> str:
     rows = res["rows"]
     base = next((r for r in rows if r["config"] == "genai · builder int4"), rows[0])
     ctx_cols = [f"decode_tok_s@{c}" for c in cfg.contexts]
-    head = ("| configuration | file MB | KL vs fp32 | top-1 | prefill tok/s | "
-            + " | ".join(f"decode @{c}" for c in cfg.contexts) + " | peak RSS MB |")
-    lines = [head, "| --- |" + " ---: |" * (5 + len(ctx_cols))]
+    labels = list(rows[0].get("kld_by_text") or {"persuasion": None})
+    kl_of = lambda r, t: r["kld_by_text"][t] if "kld_by_text" in r else r["kld"]  # noqa: E731
+    head = ("| configuration | file MB | " + " | ".join(f"KL {t}" for t in labels)
+            + " | top-1 | prefill tok/s | " + " | ".join(f"decode @{c}" for c in cfg.contexts)
+            + " | peak RSS MB |")
+    lines = [head, "| --- |" + " ---: |" * (4 + len(labels) + len(ctx_cols))]
     for r in rows:
         cells = [f"{r[k]:.1f} ({r[k] / base[k]:.2f}×)" for k in ["prefill_tok_s", *ctx_cols]]
-        lines.append(f"| {r['config']} | {r['file_bytes'] / 1e6:.1f} | {r['kld']:.4f} | "
+        kls = " | ".join(f"{kl_of(r, t):.4f}" for t in labels)
+        lines.append(f"| {r['config']} | {r['file_bytes'] / 1e6:.1f} | {kls} | "
                      f"{100 * r['top1']:.1f}% | " + " | ".join(cells)
                      + f" | {r['peak_rss_bytes'] / 1e6:.0f} |")
+    scored = ", ".join(f"{t} {n}" for t, n in (rows[0].get("tokens_by_text") or {}).items())
     e = res["env"]
     note = (f"{cfg.model}, batch 1, {e['threads']} threads for every row (torch.set_num_threads; "
             f"genai session intra_op_num_threads), onnxruntime {e['onnxruntime']}, "
             f"onnxruntime-genai {e['onnxruntime_genai']}, torch {e['torch']}, {e['cpu']}; "
             f"medians of {cfg.rounds} alternating rounds, each row in its own process; "
             f"{cfg.decode_steps} greedy decode steps; prefill over {cfg.prefill_tokens} tokens; "
-            "ratios against `genai · builder int4` in the same run. KL / top-1 on "
-            f"{rows[0]['tokens_scored']} tokens of the embedded evaluation text "
-            f"(windows of {cfg.kl_ctx}) against the fp32 model. File MB: model.safetensors "
+            "ratios against `genai · builder int4` in the same run. KL against the fp32 model "
+            f"(windows of {cfg.kl_ctx}) on the embedded evaluation text (persuasion) and each "
+            f"--text file; top-1 on persuasion; tokens scored: {scored or rows[0]['tokens_scored']}. "
+            "File MB: model.safetensors "
             "(mcomp runtime) or model.onnx + model.onnx.data (ONNX rows).")
     return "\n".join(lines) + "\n\n" + note + "\n"
 

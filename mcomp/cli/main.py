@@ -527,20 +527,24 @@ def bench_anchors(model, ctxs, weights, llama_quants, llama_kv, threads, rounds,
 @click.option("--ctx", "ctxs", multiple=True, type=click.IntRange(2), default=(128, 2048),
               show_default=True, help="Decode context length(s); repeat for several.")
 @click.option("--no-builder", is_flag=True, help="Leave out the onnxruntime-genai builder's int4 row.")
+@click.option("--text", "texts", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Another evaluation text (a KL column each, besides the embedded one); repeat "
+              "for several domains, e.g. code and legal text.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1))
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(1))
 @click.option("--out", "out_file", default="docs/benchmarks.md", show_default=True,
               type=click.Path(dir_okay=False), help="Markdown file whose onnx section is replaced.")
 @click.option("--no-write", is_flag=True, help="Do not write the markdown section.")
 @click.option("--json", "as_json", is_flag=True)
-def bench_onnx(model, weights, ctxs, no_builder, threads, rounds, out_file, no_write, as_json):
+def bench_onnx(model, weights, ctxs, no_builder, texts, threads, rounds, out_file, no_write, as_json):
     """mcomp runtime vs onnxruntime-genai on mcomp's ONNX export vs onnxruntime-genai on the
     builder's int4 model: prefill/decode tok/s, file size, KL vs fp32, in one run."""
     from pathlib import Path
 
     from ..bench import onnx as ob
     cfg = ob.OnnxBenchConfig(model=model, weights=tuple(weights), contexts=tuple(ctxs),
-                             threads=threads, rounds=rounds, builder=not no_builder)
+                             threads=threads, rounds=rounds, builder=not no_builder,
+                             texts=tuple(str(Path(t).resolve()) for t in texts))
     with _progress("bench onnx", enabled=not as_json) as update:
         res = ob.run(cfg, progress=lambda text: update(0, None, text))
     if not no_write:
