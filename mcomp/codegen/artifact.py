@@ -33,8 +33,8 @@ from ..compiler.frontend.base import TOKENIZER_FILES
 from ..compiler.spec import ModelSpec
 from ..errors import ArtifactError, ConfigError, MCompError
 from ..quant.embedding import EMBED, HEAD, head_is_tied, tie_head
-from .emit import (ARTIFACT, EmitContext, extra_emitters, fsync, options_json, sha256,
-                   swap_into_place)
+from .emit import (ARTIFACT, EmitContext, check_target, extra_emitters, fsync, options_json,
+                   sha256, swap_into_place)
 from .manifest import (DIGEST_KEY, EMBED_FORMAT_VERSION, FORMAT, FORMAT_VERSION, MANIFEST_NAME,
                        ST_DTYPES, SUPPORTED_FORMAT_VERSIONS, WEIGHTS_NAME, TensorInfo,
                        build_skeleton, compare_tensors, describe_linears, dtype_name,
@@ -60,28 +60,10 @@ def _fail(msg: str) -> ArtifactError:
     return ArtifactError(_one_line(msg))
 
 
-def _is_artifact_dir(path: Path) -> bool:
-    try:
-        m = json.loads((path / MANIFEST_NAME).read_bytes())
-    except (OSError, ValueError):
-        return False
-    return isinstance(m, dict) and m.get("format") == FORMAT
-
-
 # ----------------------------------------------------------------------------- save
 
 def _check_target(out: Path, overwrite: bool) -> None:
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not out.is_dir():
-        raise _fail(f"{out} exists and is not a directory; refusing to replace it")
-    if not any(out.iterdir()):
-        return
-    if not _is_artifact_dir(out):
-        raise _fail(f"{out} is a non-empty directory that is not an mcomp artifact (no {MANIFEST_NAME} "
-                    f"with format '{FORMAT}'); refusing to overwrite it, choose a new or empty directory")
-    if not overwrite:
-        raise _fail(f"{out} already holds an mcomp artifact; pass overwrite=True to replace it")
+    check_target(out, overwrite, MANIFEST_NAME, FORMAT, "artifact")
 
 
 def _tensors_to_write(gm: fx.GraphModule, spec: ModelSpec, out: Path) -> tuple[dict, dict]:

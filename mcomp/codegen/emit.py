@@ -135,27 +135,35 @@ def swap_into_place(tmp: Path, out: Path) -> None:
     fsync(out.parent)
 
 
-def is_export_dir(path: Path) -> bool:
+def holds(path: Path, marker: str, fmt: str) -> bool:
+    """Whether `path` has the JSON `marker` file of an mcomp folder of format `fmt`."""
     try:
-        m = json.loads((path / EXPORT_MARKER).read_bytes())
+        m = json.loads((path / marker).read_bytes())
     except (OSError, ValueError):
         return False
-    return isinstance(m, dict) and m.get("format") == EXPORT_FORMAT
+    return isinstance(m, dict) and m.get("format") == fmt
 
 
-def check_export_target(out: Path, overwrite: bool) -> None:
+def check_target(out: Path, overwrite: bool, marker: str, fmt: str, what: str) -> None:
+    """Refuse to replace anything but a missing or empty folder or an earlier mcomp `what`
+    (recognised by its marker file), and that one only with overwrite: user data is never
+    swapped away by a write."""
     if not (out.exists() or out.is_symlink()):
         return
     if not out.is_dir():
         raise ArtifactError(f"{out} exists and is not a directory; refusing to replace it")
     if not any(out.iterdir()):
         return
-    if not is_export_dir(out):
-        raise ArtifactError(f"{out} is a non-empty directory that is not an mcomp export (no "
-                            f"{EXPORT_MARKER}); refusing to overwrite it, choose a new or empty "
-                            "directory")
+    if not holds(out, marker, fmt):
+        raise ArtifactError(f"{out} is a non-empty directory that is not an mcomp {what} (no "
+                            f"{marker} with format '{fmt}'); refusing to overwrite it, choose a "
+                            "new or empty directory")
     if not overwrite:
-        raise ArtifactError(f"{out} already holds an mcomp export; pass overwrite=True to replace it")
+        raise ArtifactError(f"{out} already holds an mcomp {what}; pass overwrite=True to replace it")
+
+
+def check_export_target(out: Path, overwrite: bool) -> None:
+    check_target(out, overwrite, EXPORT_MARKER, EXPORT_FORMAT, "export")
 
 
 def write_export(gm: fx.GraphModule, out_dir: str | os.PathLike, formats: Sequence[str], *,
