@@ -21,9 +21,8 @@ og = pytest.importorskip("onnxruntime_genai")
 from mcomp import api  # noqa: E402
 from mcomp.codegen import load_artifact  # noqa: E402
 from mcomp.codegen.onnx.run import OrtDecoder  # noqa: E402
-from mcomp.compiler import ir  # noqa: E402
 from mcomp.runtime.kernels import reference_mode  # noqa: E402
-from mcomp.runtime.kvcache import AttentionState  # noqa: E402
+from tests.codegen.test_onnx import runtime_logits  # noqa: E402
 
 pytestmark = pytest.mark.slow
 RTOL = 1e-4
@@ -44,26 +43,11 @@ def exported(request, tmp_path_factory):
     return out
 
 
-def _runtime_logits(gm, ids, prefill):
-    st = AttentionState(ir.get_spec(gm), 1, model=gm)
-    t = torch.tensor(ids)
-    rows = []
-    with torch.inference_mode(), reference_mode():
-        pos = torch.arange(prefill)[None]
-        st.begin(pos)
-        rows.append(gm(t[None, :prefill], pos, st)[0])
-        for i in range(prefill, len(ids)):
-            pos = torch.tensor([[i]])
-            st.begin(pos)
-            rows.append(gm(t[None, i:i + 1], pos, st)[0])
-    return torch.cat(rows).numpy()
-
-
 def test_onnxruntime_logits_match_the_runtime(exported):
     from mcomp import data
     session = api.load(exported)
     ids = session.encode_prompts([data.evaluation_text()[:400]])[0][:48]
-    ref = _runtime_logits(load_artifact(exported).gm, ids, 32)
+    ref = runtime_logits(load_artifact(exported).gm, torch.tensor(ids), 32)
     got = OrtDecoder(exported).logits(ids, 32)                  # prefill 32, 16 decode steps
     assert np.abs(got - ref).max() <= RTOL * np.abs(ref).max()
 
