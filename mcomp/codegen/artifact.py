@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,7 +33,7 @@ from ..compiler.spec import ModelSpec
 from ..errors import ArtifactError, ConfigError, MCompError
 from ..quant.embedding import EMBED, HEAD, head_is_tied, tie_head
 from .emit import (ARTIFACT, EmitContext, check_target, extra_emitters, fsync, options_json,
-                   sha256, swap_into_place)
+                   sha256, staged)
 from .manifest import (DIGEST_KEY, EMBED_FORMAT_VERSION, FORMAT, FORMAT_VERSION, MANIFEST_NAME,
                        ST_DTYPES, SUPPORTED_FORMAT_VERSIONS, WEIGHTS_NAME, TensorInfo,
                        build_skeleton, compare_tensors, describe_linears, dtype_name,
@@ -178,20 +177,9 @@ def save_artifact(gm: fx.GraphModule, out_dir: str | os.PathLike, *,
     ectx = EmitContext(source=str(source), tokenizer_dir=tok_dir, options=dict(emit_options or {}))
     for e in emitters:                       # refusals before anything is written
         e.check(gm, ectx)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise _fail(f"cannot write artifact {out}: {e}") from e
-    try:
+    with staged(out, "artifact") as tmp:
         _build(tmp, gm, spec, weights, tensors, tok_files, tok_dir, source, report, pass_log, recipe,
                emitters, ectx)
-        swap_into_place(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise _fail(f"cannot write artifact {out}: {e}") from e
-        raise
     log.info("wrote artifact %s (%d tensors, %d tokenizer files)", out, len(tensors), len(tok_files))
     return out
 

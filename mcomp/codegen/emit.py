@@ -14,6 +14,7 @@ the caller commits atomically (`write` → the names it wrote). Two callers:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -166,6 +167,27 @@ def check_export_target(out: Path, overwrite: bool) -> None:
     check_target(out, overwrite, EXPORT_MARKER, EXPORT_FORMAT, "export")
 
 
+@contextlib.contextmanager
+def staged(out: Path, what: str):
+    """A temporary folder next to `out` to write into; on success it replaces `out` in one
+    rename (swap_into_place), on any failure it is removed and `out` is untouched. OSErrors
+    become one-line ArtifactErrors naming `what`."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise ArtifactError(f"cannot write {what} {out}: {e}") from e
+    try:
+        yield tmp
+        fsync(tmp)
+        swap_into_place(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ArtifactError(f"cannot write {what} {out}: {e}") from e
+        raise
+
+
 def write_export(gm: fx.GraphModule, out_dir: str | os.PathLike, formats: Sequence[str], *,
                  ctx: EmitContext, overwrite: bool = True) -> Path:
     """Write the emitters `formats` (no mcomp artifact) into `out_dir` atomically, with the
@@ -177,12 +199,7 @@ def write_export(gm: fx.GraphModule, out_dir: str | os.PathLike, formats: Sequen
         e.check(gm, ctx)
     out = Path(out_dir).expanduser().resolve()
     check_export_target(out, overwrite)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise ArtifactError(f"cannot write {out}: {e}") from e
-    try:
+    with staged(out, "export") as tmp:
         names: list[str] = []
         for e in emitters:
             names += e.write(gm, tmp, ctx)
@@ -204,12 +221,5 @@ def write_export(gm: fx.GraphModule, out_dir: str | os.PathLike, formats: Sequen
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        fsync(tmp)
-        swap_into_place(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise ArtifactError(f"cannot write {out}: {e}") from e
-        raise
     log.info("wrote %s export %s (%d files)", ",".join(formats), out, len(files))
     return out
