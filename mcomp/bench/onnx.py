@@ -132,6 +132,8 @@ def _quality(rows, cfg: OnnxBenchConfig, progress=None) -> None:
     sess = api.load(rows[0]["path"])
     for r in rows:
         r.update(kld_by_text={}, top1_by_text={}, tokens_by_text={})
+    # texts outside, rows inside: one text's fp32 logits are held at a time (W·ctx·V floats,
+    # 0.8 GB for SmolLM2, 4.3 GB for Gemma's 262k vocab); rows reload per text, which is cheap
     for label, text in _eval_texts(cfg).items():
         wins = sess.windows(text, cfg.kl_ctx, cfg.kl_tokens)                    # (W, ctx)
         with torch.inference_mode():
@@ -234,19 +236,18 @@ def to_markdown(res: dict) -> str:
     rows = res["rows"]
     base = next((r for r in rows if r["config"] == "genai · builder int4"), rows[0])
     ctx_cols = [f"decode_tok_s@{c}" for c in cfg.contexts]
-    labels = list(rows[0].get("kld_by_text") or {"persuasion": None})
-    kl_of = lambda r, t: r["kld_by_text"][t] if "kld_by_text" in r else r["kld"]  # noqa: E731
+    labels = list(rows[0]["kld_by_text"])
     head = ("| configuration | file MB | " + " | ".join(f"KL {t}" for t in labels)
             + " | top-1 | prefill tok/s | " + " | ".join(f"decode @{c}" for c in cfg.contexts)
             + " | peak RSS MB |")
     lines = [head, "| --- |" + " ---: |" * (4 + len(labels) + len(ctx_cols))]
     for r in rows:
         cells = [f"{r[k]:.1f} ({r[k] / base[k]:.2f}×)" for k in ["prefill_tok_s", *ctx_cols]]
-        kls = " | ".join(f"{kl_of(r, t):.4f}" for t in labels)
+        kls = " | ".join(f"{r['kld_by_text'][t]:.4f}" for t in labels)
         lines.append(f"| {r['config']} | {r['file_bytes'] / 1e6:.1f} | {kls} | "
                      f"{100 * r['top1']:.1f}% | " + " | ".join(cells)
                      + f" | {r['peak_rss_bytes'] / 1e6:.0f} |")
-    scored = ", ".join(f"{t} {n}" for t, n in (rows[0].get("tokens_by_text") or {}).items())
+    scored = ", ".join(f"{t} {n}" for t, n in rows[0]["tokens_by_text"].items())
     e = res["env"]
     note = (f"{cfg.model}, batch 1, {e['threads']} threads for every row (torch.set_num_threads; "
             f"genai session intra_op_num_threads), onnxruntime {e['onnxruntime']}, "
@@ -255,7 +256,7 @@ def to_markdown(res: dict) -> str:
             f"{cfg.decode_steps} greedy decode steps; prefill over {cfg.prefill_tokens} tokens; "
             "ratios against `genai · builder int4` in the same run. KL against the fp32 model "
             f"(windows of {cfg.kl_ctx}) on the embedded evaluation text (persuasion) and each "
-            f"--text file; top-1 on persuasion; tokens scored: {scored or rows[0]['tokens_scored']}. "
+            f"--text file; top-1 on persuasion; tokens scored: {scored}. "
             "File MB: model.safetensors "
             "(mcomp runtime) or model.onnx + model.onnx.data (ONNX rows).")
     return "\n".join(lines) + "\n\n" + note + "\n"

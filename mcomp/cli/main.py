@@ -183,8 +183,8 @@ def optimize(model, preset, recipe_file, weights, weight_budget, weight_bits, pr
                   f"{mixed['avg_bits']:.3f} bits/weight; weights predicted "
                   f"{mixed['predicted_weight_bytes']:,} B, measured {mixed['measured_weight_bytes']:,} B "
                   "(`mcomp inspect` for the table)")
-    formats = [f.strip() for f in emit.split(",")]
-    if "safetensors" in formats:
+    from ..codegen.emit import ARTIFACT, parse_emit
+    if ARTIFACT in parse_emit(emit):
         out.print(f"artifact: [bold]{result.artifact}[/bold]  (probe drift measured on the embedded "
                   f"evaluation text; run `mcomp eval {result.artifact} --base {model}` for KL/perplexity)")
     else:   # an export only: mcomp eval/run need the safetensors artifact, genai runs the folder

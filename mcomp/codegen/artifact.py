@@ -148,8 +148,7 @@ def _build(tmp: Path, gm: fx.GraphModule, spec: ModelSpec, weights: dict, tensor
         "files": files,
     })
     manifest[DIGEST_KEY] = manifest_digest(manifest)
-    _write_manifest(tmp / MANIFEST_NAME, manifest)
-    fsync(tmp)
+    _write_manifest(tmp / MANIFEST_NAME, manifest)        # staged() fsyncs the folder
 
 
 def save_artifact(gm: fx.GraphModule, out_dir: str | os.PathLike, *,
